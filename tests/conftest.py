@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+# The shared folder beside the repo holds tiktoken's GPT-2 BPE files for machines without internet.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+if (SHARED / "tiktoken").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+import pytest
+
+TINYSTORIES = SHARED / "tinystories"
+
+
+def _fixture_stories(n, seed):
+    """Small TinyStories-like text for machines without ../shared."""
+    import random
+    rnd = random.Random(seed)
+    names, animals = ["Lily", "Tom", "Mia", "Ben", "Sue"], ["cat", "dog", "bird", "fish", "frog"]
+    verbs = ["played with", "found", "helped", "saw", "loved"]
+    stories = []
+    for _ in range(n):
+        who, what, verb = rnd.choice(names), rnd.choice(animals), rnd.choice(verbs)
+        stories.append(f"Once upon a time, {who} {verb} a little {what}. The {what} was happy. "
+                       f"{who} and the {what} were friends. They {rnd.choice(verbs)} a big ball.")
+    return stories
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A prepared data dir for training tests: real TinyStories text (a slice of ../shared)
+    when present, else generated stories. Returns {'data_dir', 'source'}."""
+    from data import DataConfig, prepare
+    root = tmp_path_factory.mktemp("tinydata")
+    src = root / "src"
+    src.mkdir()
+    if TINYSTORIES.is_dir():
+        train_text = next(TINYSTORIES.glob("*train*.txt")).read_text(encoding="utf-8")
+        valid_text = next(TINYSTORIES.glob("*valid*.txt")).read_text(encoding="utf-8")
+        train_stories = train_text.split("<|endoftext|>")[:600]
+        valid_stories = valid_text.split("<|endoftext|>")[:100]
+    else:
+        train_stories, valid_stories = _fixture_stories(600, 0), _fixture_stories(100, 1)
+    for name, stories in (("train.txt", train_stories), ("valid.txt", valid_stories)):
+        (src / name).write_text("".join(s.strip() + "\n<|endoftext|>\n" for s in stories if s.strip()), encoding="utf-8")
+    data_dir = root / "data"
+    prepare(DataConfig(data_dir=str(data_dir), source=str(src)))
+    return {"data_dir": str(data_dir), "source": str(src)}
