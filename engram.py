@@ -1,0 +1,303 @@
+"""Engram: conditional memory via scalable lookup (DeepSeek, arXiv 2601.07372, §2).
+
+A transformer spends early layers rebuilding static local patterns ("New York",
+"once upon a"). Engram hands that job to a lookup: the last few tokens (an N-gram)
+are hashed into big embedding tables, and the retrieved vector is mixed into the
+residual stream of a few chosen blocks. The file follows the paper's Section 2:
+
+  1. tokenizer compression   token id -> canonical id (case/accent/space folded)
+  2. multi-head hashing      suffix N-grams of canonical ids -> one row per head
+  3. multi-head embedding    gather the rows, concatenate -> memory vector e_t
+  4. context-aware gating    alpha_t from <RMSNorm(W_K e_t), RMSNorm(h_t)>
+  5. short convolution       causal depthwise conv over the gated values
+
+The hashes depend only on token ids, so EngramHasher computes every Engram layer's
+rows once per forward (and could do so ahead of time, which is the paper's systems
+argument); each Engram layer then only gathers and mixes.
+"""
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class EngramConfig:  # field names are prefixed so that flat CLI flags are unique across configs
+    engram_layers: tuple[int, ...] = (1,)       # blocks that hold an Engram module
+    ngram_orders: tuple[int, ...] = (2, 3)      # N of the suffix N-grams that are hashed
+    engram_heads_per_order: int = 4             # K hash heads per order
+    engram_dim_per_order: int = 64              # split across that order's heads
+    engram_rows_per_head: int = 4099            # approximate; each head gets a distinct prime >= this
+    engram_kernel_size: int = 4                 # short conv kernel w
+    engram_compress: bool = True                # tokenizer compression (§2.2)
+    engram_gate: bool = True                    # context-aware gate (§2.3); off = plain additive memory
+    engram_seed: int = 0                        # seeds the hash multipliers
+    engram_lr_mult: float = 5.0                 # tables: Adam lr x 5 (paper's setting)
+    engram_weight_decay: float = 0.0            # tables: no weight decay (paper's setting)
+
+
+# -----------------------------------------------------------------------------
+# 1. Tokenizer compression (§2.2)
+# A BPE vocabulary spends many ids on surface variants of one word (" Hello", "Hello",
+# "HELLO"). Folding them onto one canonical id before hashing means they share memory
+# rows, so the tables hold more distinct N-grams per row.
+
+def normalize_token(token: bytes) -> str | bytes:
+    """The canonical key of one token's raw bytes (equal keys share a canonical id)."""
+    try:
+        text = token.decode("utf-8")
+    except UnicodeDecodeError:
+        return token  # a partial UTF-8 sequence has no text: its own bytes are its key
+    key = unicodedata.normalize("NFKC", text)  # compatibility forms: "ﬁ" -> "fi", full-width -> ASCII
+    key = unicodedata.normalize("NFD", key)  # split accents off their letters ...
+    key = "".join(c for c in key if not unicodedata.combining(c))  # ... and drop them: "café" -> "cafe"
+    key = re.sub(r"\s+", " ", key.lower())  # case folded, any whitespace run -> one space
+    if key != " ":  # a whitespace-only token keeps its single space
+        key = key.strip()  # " hello" -> "hello"
+    return key if key else text  # a token of only combining marks keeps its own text
+
+
+def build_canonical_ids(token_bytes: list[bytes]) -> torch.Tensor:
+    """(V,) int64 map from token id to a dense canonical id in 0..V'-1."""
+    key_to_id = {}
+    canonical = [key_to_id.setdefault(normalize_token(b), len(key_to_id)) for b in token_bytes]
+    return torch.tensor(canonical, dtype=torch.long)
+
+
+def compression_reduction(canonical_ids: torch.Tensor) -> float:
+    """1 - V'/V: the fraction of the vocabulary that compression folds away."""
+    n_canonical = len(set(canonical_ids.tolist()))
+    return 1.0 - n_canonical / len(canonical_ids)
+
+
+# -----------------------------------------------------------------------------
+# 2. Multi-head hashing (§2.2)
+# Each of K heads hashes the N-gram into its own table. The table sizes are distinct
+# primes, so two N-grams that collide in one head almost never collide in the others,
+# and the model can tell them apart from the concatenation of all heads.
+
+def is_prime(n: int) -> bool:
+    """Trial division by 2, 3 and numbers 6k +- 1 up to sqrt(n); fast enough for tables of 1e9 rows."""
+    if n < 4:
+        return n >= 2
+    if n % 2 == 0 or n % 3 == 0:
+        return False
+    d = 5
+    while d * d <= n:
+        if n % d == 0 or n % (d + 2) == 0:
+            return False
+        d += 6
+    return True
+
+
+def head_table_sizes(cfg: EngramConfig) -> list[list[int]]:
+    """Table size of every head: [layer slot][head], heads ordered order-major (all
+    heads of ngram_orders[0], then of ngram_orders[1], ...). Walking upward from
+    engram_rows_per_head and taking each next prime keeps every size distinct across
+    all heads of all orders of all layers, and makes the sizes a pure function of cfg."""
+    sizes, candidate = [], cfg.engram_rows_per_head
+    for _ in cfg.engram_layers:
+        layer_sizes = []
+        for _ in range(len(cfg.ngram_orders) * cfg.engram_heads_per_order):
+            while not is_prime(candidate):
+                candidate += 1
+            layer_sizes.append(candidate)
+            candidate += 1
+        sizes.append(layer_sizes)
+    return sizes
+
+
+def hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order):
+    """Plain-PyTorch multi-head N-gram hash: the reference a fused kernel must match.
+
+    context:      (B, P+T) canonical ids; the first P = max_order-1 are left context
+                  (previous tokens or the pad id), so position t's N-gram is complete
+    multipliers:  (L, max_order) odd int64, one per layer and per place j in the N-gram
+    head_primes:  (L, H) table size of each head;  head_offsets: (L, H) its first row
+    returns:      (L, B, T, H) int64 rows into each layer's single embedding table
+
+    hash(layer, n, head)_t = (XOR_{j<n} c_{t-j} * m[layer, j]) mod p[layer, head]
+    Every c < pad+1 and every m < 2**62 // (pad+1), so no product overflows int64 and the
+    XOR stays non-negative: the modulo is a plain non-negative remainder.
+    """
+    max_order = multipliers.shape[1]
+    T = context.shape[1] - (max_order - 1)
+    mixes, mix = {}, None
+    for j in range(max_order):  # j = 0 is the current token, j = 1 the one before, ...
+        start = max_order - 1 - j
+        token_j = context[:, start:start + T]  # (B, T): c_{t-j}
+        term = token_j[None] * multipliers[:, j, None, None]  # (L, B, T)
+        mix = term if mix is None else torch.bitwise_xor(mix, term)
+        mixes[j + 1] = mix  # (L, B, T): hash of the suffix (j+1)-gram, before the modulo
+    rows = []
+    for i, n in enumerate(ngram_orders):
+        primes = head_primes[:, None, None, i * heads_per_order:(i + 1) * heads_per_order]  # (L, 1, 1, K)
+        rows.append(mixes[n][..., None] % primes)  # (L, B, T, K)
+    rows = torch.cat(rows, dim=-1)  # (L, B, T, H), heads order-major as in head_table_sizes
+    return rows + head_offsets[:, None, None, :]
+
+
+class EngramHasher(nn.Module):
+    """Token ids -> every Engram layer's table rows, once per forward (no parameters).
+
+    All state is in buffers (so it follows .to(device) and is saved in checkpoints):
+    canonical_ids (V,), multipliers (L, max_order), head_primes / head_offsets (L, H),
+    pad_id (a 0-dim tensor: one past the last canonical id, so it is no real token).
+    """
+
+    def __init__(self, cfg: EngramConfig, vocab_size: int, token_bytes: list[bytes] | None = None):
+        super().__init__()
+        self.ngram_orders = tuple(cfg.ngram_orders)
+        assert len(set(self.ngram_orders)) == len(self.ngram_orders) and min(self.ngram_orders) >= 1
+        self.heads_per_order = cfg.engram_heads_per_order
+        self.max_order = max(self.ngram_orders)
+        if cfg.engram_compress and token_bytes is not None:
+            assert len(token_bytes) == vocab_size, "need one byte string per token id"
+            canonical_ids = build_canonical_ids(token_bytes)
+        else:
+            canonical_ids = torch.arange(vocab_size)  # compression off: identity
+        self.n_canonical = int(canonical_ids.max()) + 1  # V'
+        self.reduction = 1.0 - self.n_canonical / vocab_size
+        # Odd random multipliers from a seeded generator, bounded so c * m < 2**62 for every
+        # id c <= pad_id; a fresh draw per layer makes each layer's hash independent.
+        bound = 2**62 // (self.n_canonical + 1)
+        gen = torch.Generator().manual_seed(cfg.engram_seed)
+        half = torch.randint(0, bound // 2, (len(cfg.engram_layers), self.max_order), generator=gen)
+        primes = torch.tensor(head_table_sizes(cfg), dtype=torch.long)  # (L, H)
+        self.register_buffer("canonical_ids", canonical_ids)
+        self.register_buffer("multipliers", 2 * half + 1)
+        self.register_buffer("head_primes", primes)
+        self.register_buffer("head_offsets", primes.cumsum(dim=1) - primes)  # exclusive prefix sum
+        self.register_buffer("pad_id", torch.tensor(self.n_canonical))
+
+    def canonical_context(self, ids, prefix=None):
+        """(B, T) ids [+ (B, P) previous ids] -> (B, P+T) canonical ids, P = max_order-1.
+        Without prefix the left context is pads; inside prefix, an id < 0 also means
+        "before the start of the sequence" (pad), for a decode that has seen < P tokens."""
+        B, P = ids.shape[0], self.max_order - 1
+        canon = self.canonical_ids[ids]  # (B, T)
+        if prefix is None:
+            left = self.pad_id.expand(B, P)
+        else:
+            assert prefix.shape == (B, P), f"prefix must be (B, {P}) previous ids"
+            left = torch.where(prefix >= 0, self.canonical_ids[prefix.clamp_min(0)], self.pad_id)
+        return torch.cat([left, canon], dim=1)  # (B, P+T)
+
+    def forward(self, ids, prefix=None):
+        # ids (B, T), prefix (B, max_order-1) or None -> (L, B, T, H) rows
+        context = self.canonical_context(ids, prefix)
+        return hash_ngrams(context, self.multipliers, self.head_primes, self.head_offsets,
+                           self.ngram_orders, self.heads_per_order)
+
+
+# -----------------------------------------------------------------------------
+# 3. Multi-head embedding (§2.2): one table for all heads of a layer; a head's rows
+# start at its offset, so one gather fetches every head.
+
+def gather_memory(table, rows):
+    """table (sum of primes, head_dim), rows (B, T, H) -> e_t (B, T, H * head_dim)."""
+    return F.embedding(rows, table).flatten(-2)  # heads concatenated: order-major, as the rows
+
+
+# -----------------------------------------------------------------------------
+# 4. Context-aware gating (§2.3)
+# The lookup is context-free: a hash collision or an N-gram that means something else
+# here would inject noise. The hidden state h_t, which has seen the whole context,
+# acts as the query; the gate closes where the memory disagrees with it.
+
+def signed_sqrt(x, eps=1e-6):
+    """sign(x) * sqrt(|x|): keeps the sign, tames the magnitude so the sigmoid does not
+    saturate. |x| is clamped at eps so the gradient stays finite at 0."""
+    return x.sign() * x.abs().clamp_min(eps).sqrt()
+
+
+def context_gate(normed_key, normed_hidden):
+    """alpha_t = sigmoid(signed_sqrt(<k_t, h_t> / sqrt(d))): (B, T, d) x2 -> (B, T) in (0, 1)."""
+    score = (normed_key * normed_hidden).sum(dim=-1) / math.sqrt(normed_key.shape[-1])
+    return torch.sigmoid(signed_sqrt(score))
+
+
+# -----------------------------------------------------------------------------
+# 5. Short convolution (§2.3)
+# A causal depthwise conv over time widens each position's view of the gated memory.
+# Dilation = the largest N-gram order, so its taps land on neighbouring N-grams.
+# Zero-initialised, the branch starts at exactly 0: Engram begins as plain gated memory.
+
+class ShortConv(nn.Module):
+    def __init__(self, dim, kernel_size, dilation):
+        super().__init__()
+        self.context = (kernel_size - 1) * dilation  # how many past steps one output sees
+        self.norm = nn.RMSNorm(dim)
+        self.conv = nn.Conv1d(dim, dim, kernel_size, dilation=dilation, groups=dim, bias=False)
+
+    def forward(self, x, cache=None):  # (B, T, dim) -> (B, T, dim)
+        x = self.norm(x)
+        B, _, C = x.shape
+        if cache is not None and "engram_conv" in cache:
+            past = cache["engram_conv"]  # (B, context, dim): normed inputs of earlier steps
+        else:
+            past = x.new_zeros(B, self.context, C)  # causal zero padding before the sequence
+        x = torch.cat([past, x], dim=1)  # (B, context + T, dim)
+        if cache is not None:
+            cache["engram_conv"] = x[:, x.shape[1] - self.context:].detach()
+        y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, dim), no padding needed
+        return F.silu(y)
+
+
+# -----------------------------------------------------------------------------
+# The Engram layer: Y = V~ + SiLU(Conv(RMSNorm(V~))), with V~ = alpha * W_V e. The model
+# adds Y to the residual stream before attention: h = h + engram(h, rows).
+
+class Engram(nn.Module):
+    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int = 0):
+        # layer_slot indexes cfg.engram_layers: it picks this layer's table sizes and its
+        # rows out of EngramHasher's output (rows_all[layer_slot])
+        super().__init__()
+        n_heads = len(cfg.ngram_orders) * cfg.engram_heads_per_order
+        assert cfg.engram_dim_per_order % cfg.engram_heads_per_order == 0
+        head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
+        d_mem = len(cfg.ngram_orders) * cfg.engram_dim_per_order  # size of e_t
+        self.cfg, self.n_heads, self.use_gate = cfg, n_heads, cfg.engram_gate
+        self.head_sizes = head_table_sizes(cfg)[layer_slot]
+        self.table = nn.Embedding(sum(self.head_sizes), head_dim)  # all heads, offset by the hasher
+        self.value_proj = nn.Linear(d_mem, dim, bias=False)  # W_V
+        if self.use_gate:
+            self.key_proj = nn.Linear(d_mem, dim, bias=False)  # W_K
+            self.key_norm = nn.RMSNorm(dim)
+            self.hidden_norm = nn.RMSNorm(dim)
+        self.short_conv = ShortConv(dim, cfg.engram_kernel_size, dilation=max(cfg.ngram_orders))
+        self.last_gate = None  # (B, T) gate of the last forward, detached (for sample.py --show_gates)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Call after any generic init of the model: it must not undo these two.
+        The table is a bank of extra (N-gram) token embeddings, so it is drawn like the
+        token embedding, normal(0, 0.02): the gate's RMSNorm makes alpha independent of
+        this scale, and a small scale keeps the value branch a small perturbation of the
+        residual stream at init. The conv is zero so the conv branch starts at exactly 0."""
+        nn.init.normal_(self.table.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.short_conv.conv.weight)
+
+    def forward(self, h, rows, cache: dict | None = None):
+        # h (B, T, dim) hidden states, rows (B, T, H) this layer's rows -> (B, T, dim)
+        e = gather_memory(self.table.weight, rows)  # (B, T, d_mem)  memory vector e_t
+        value = self.value_proj(e)  # (B, T, dim)  v_t = W_V e_t
+        if self.use_gate:
+            key = self.key_proj(e)  # (B, T, dim)  k_t = W_K e_t
+            gate = context_gate(self.key_norm(key), self.hidden_norm(h))  # (B, T)  alpha_t
+            self.last_gate = gate.detach()
+            value = gate[..., None] * value  # (B, T, dim)  v~_t = alpha_t v_t
+        return value + self.short_conv(value, cache)  # (B, T, dim)
+
+    def custom_param_groups(self) -> list[dict]:
+        # the tables get their own optimiser group: Adam lr x 5, no weight decay (paper)
+        return [{"params": [self.table.weight], "lr_mult": self.cfg.engram_lr_mult,
+                 "weight_decay": self.cfg.engram_weight_decay}]
+
+    def n_table_params(self) -> int:
+        # looked up, not multiplied: not "active" compute parameters
+        return self.table.weight.numel()

@@ -1,0 +1,284 @@
+"""Tests for engram.py: hashing, tokenizer compression, gating, short conv, decoding."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken"))
+
+from engram import (Engram, EngramConfig, EngramHasher, build_canonical_ids,  # noqa: E402
+                    compression_reduction, head_table_sizes, normalize_token)
+
+V = 300  # small made-up vocabulary for the hashing tests
+
+
+def small_cfg(**kw):
+    base = dict(engram_layers=(1, 3), ngram_orders=(2, 3), engram_heads_per_order=4,
+                engram_dim_per_order=16, engram_rows_per_head=101, engram_compress=False)
+    base.update(kw)
+    return EngramConfig(**base)
+
+
+def naive_is_prime(n):  # independent of engram.is_prime: every divisor from 2 to n-1
+    return n >= 2 and all(n % d for d in range(2, n))
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def test_head_sizes_are_distinct_primes_shared_by_hasher_and_layers():
+    cfg = small_cfg()
+    sizes = head_table_sizes(cfg)
+    flat = [p for layer in sizes for p in layer]
+    assert len(sizes) == 2 and all(len(layer) == 8 for layer in sizes)
+    assert len(set(flat)) == len(flat)
+    assert all(naive_is_prime(p) and p >= cfg.engram_rows_per_head for p in flat)
+    hasher = EngramHasher(cfg, V)
+    for slot in range(2):
+        layer = Engram(32, cfg, layer_slot=slot)
+        assert hasher.head_primes[slot].tolist() == layer.head_sizes
+        assert layer.table.num_embeddings == sum(layer.head_sizes)
+
+
+def reference_rows(hasher, ids):
+    """The hash formula in plain Python integers, position by position."""
+    canon = hasher.canonical_ids.tolist()
+    pad = int(hasher.pad_id)
+    L, H = hasher.head_primes.shape
+    out = torch.zeros(L, *ids.shape, H, dtype=torch.long)
+    for layer in range(L):
+        mult = hasher.multipliers[layer].tolist()
+        for b in range(ids.shape[0]):
+            seq = [canon[i] for i in ids[b].tolist()]
+            for t in range(len(seq)):
+                for h in range(H):
+                    n = hasher.ngram_orders[h // hasher.heads_per_order]
+                    mix = 0
+                    for j in range(n):
+                        mix ^= (seq[t - j] if t - j >= 0 else pad) * mult[j]
+                    prime, offset = int(hasher.head_primes[layer, h]), int(hasher.head_offsets[layer, h])
+                    out[layer, b, t, h] = mix % prime + offset
+    return out
+
+
+def test_hash_is_deterministic_and_matches_reference():
+    cfg = small_cfg()
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    a, b = EngramHasher(cfg, V), EngramHasher(cfg, V)
+    assert torch.equal(a.multipliers, b.multipliers)
+    assert torch.equal(a(ids), b(ids))
+    assert torch.equal(a(ids), reference_rows(a, ids))
+    assert (a.multipliers % 2 == 1).all()
+    assert (a.multipliers < 2**62 // (a.n_canonical + 1)).all()  # products cannot overflow
+    assert not torch.equal(a.multipliers[0], a.multipliers[1])  # each layer its own hash
+    other = EngramHasher(small_cfg(engram_seed=1), V)
+    assert not torch.equal(a.multipliers, other.multipliers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_hash_same_on_cuda():
+    hasher = EngramHasher(small_cfg(), V)
+    ids = torch.randint(0, V, (3, 40))
+    assert torch.equal(hasher.to("cuda")(ids.cuda()).cpu(), hasher.cpu()(ids))
+
+
+def test_rows_stay_inside_their_head_range():
+    hasher = EngramHasher(small_cfg(engram_rows_per_head=7), V)
+    ids = torch.randint(0, V, (4, 50))
+    prefix = torch.randint(-1, V, (4, 2))
+    for rows in (hasher(ids), hasher(ids, prefix)):
+        lo = hasher.head_offsets[:, None, None, :]
+        assert (rows >= lo).all() and (rows < lo + hasher.head_primes[:, None, None, :]).all()
+
+
+def test_same_ngram_same_rows_at_any_position():
+    hasher = EngramHasher(small_cfg(), V)
+    ids = torch.randint(0, V, (1, 40))
+    ids[0, 5:8] = torch.tensor([11, 22, 33])
+    ids[0, 30:33] = torch.tensor([11, 22, 33])
+    rows = hasher(ids)  # (L, 1, T, H); heads 0..3 hash 2-grams, 4..7 hash 3-grams
+    assert torch.equal(rows[:, 0, 7], rows[:, 0, 32])  # both orders end in the same n-gram
+    assert torch.equal(rows[:, 0, 6, :4], rows[:, 0, 31, :4])  # the 2-gram (11, 22)
+
+
+def test_earliest_token_of_ngram_changes_almost_all_heads():
+    hasher = EngramHasher(small_cfg(), V)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V, (8, 30), generator=gen)
+    s = 10
+    changed = ids.clone()
+    changed[:, s] = (ids[:, s] + torch.randint(1, V, (8,), generator=gen)) % V
+    before, after = hasher(ids), hasher(changed)
+    for i, n in enumerate(hasher.ngram_orders):
+        heads = slice(4 * i, 4 * i + 4)
+        t = s + n - 1  # the n-gram ending at t starts with the changed token
+        frac = (before[:, :, t, heads] != after[:, :, t, heads]).float().mean()
+        assert frac > 0.9, f"order {n}: only {frac:.2f} of heads changed"
+        # an n-gram that does not contain position s is untouched
+        assert torch.equal(before[:, :, t + 1:, heads], after[:, :, t + 1:, heads])
+        assert torch.equal(before[:, :, :s, heads], after[:, :, :s, heads])
+
+
+def test_prefix_continues_the_sequence():
+    hasher = EngramHasher(small_cfg(), V)
+    ids = torch.randint(0, V, (2, 20))
+    full = hasher(ids)
+    for k in (2, 9, 19):
+        assert torch.equal(hasher(ids[:, k:], ids[:, k - 2:k]), full[:, :, k:])
+    # prefix ids < 0 mean "before the start": same as no prefix
+    assert torch.equal(hasher(ids, torch.full((2, 2), -1)), full)
+    assert torch.equal(hasher(ids[:, 1:], torch.stack([torch.full((2,), -1), ids[:, 0]], 1)), full[:, :, 1:])
+
+
+# ----------------------------------------------------------------------------- compression
+
+def test_compression_merges_variants_only():
+    tokens = [" Hello", "hello", "HELLO", "Hello", "café", " Cafe", "cafe", "CAFÉ", "help",
+              "hellp", " ", "\n", "\t\n  ", "  ", "ﬁne", "fine", "Ｈｅｌｌｏ", "world"]
+    token_bytes = [t.encode("utf-8") for t in tokens] + [b"\xe2\x80", b"\xff", b"\x80"]
+    canon = build_canonical_ids(token_bytes).tolist()
+    c = dict(zip(tokens, canon))
+    assert c[" Hello"] == c["hello"] == c["HELLO"] == c["Hello"] == c["Ｈｅｌｌｏ"]
+    assert c["café"] == c[" Cafe"] == c["cafe"] == c["CAFÉ"]
+    assert c[" "] == c["\n"] == c["\t\n  "] == c["  "]
+    assert c["ﬁne"] == c["fine"]
+    assert len({c["hello"], c["help"], c["hellp"], c["cafe"], c[" "], c["fine"], c["world"]}) == 7
+    raw = canon[len(tokens):]  # invalid UTF-8: each keeps its own id
+    assert len(set(raw)) == 3 and not set(raw) & set(canon[:len(tokens)])
+    assert normalize_token(b"\xff") == b"\xff" and normalize_token(b" \t") == " "
+    assert sorted(set(canon)) == list(range(len(set(canon))))  # dense ids
+    assert compression_reduction(torch.tensor(canon)) == pytest.approx(1 - len(set(canon)) / len(canon))
+
+
+def test_compression_on_gpt2_vocab():
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as err:  # no cached BPE files and no network
+        pytest.skip(f"GPT-2 encoding unavailable: {err}")
+    token_bytes = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    hasher = EngramHasher(EngramConfig(engram_compress=True), enc.n_vocab, token_bytes)
+    canon = hasher.canonical_ids
+    one = lambda s: enc.encode(s)[0]  # noqa: E731  (all single GPT-2 tokens)
+    assert canon[one(" Hello")] == canon[one("Hello")] == canon[one("hello")] == canon[one(" hello")]
+    assert canon[one(" café")] == canon[one(" cafe")] == canon[one(" Café")]
+    assert canon[one(" cat")] != canon[one(" car")]
+    print(f"\nGPT-2 vocabulary: {enc.n_vocab} -> {hasher.n_canonical} canonical ids "
+          f"(reduction {hasher.reduction:.1%})")
+    assert 0.0 < hasher.reduction < 0.5
+    assert hasher.reduction == pytest.approx(compression_reduction(canon))
+
+
+def test_compression_off_is_identity():
+    token_bytes = [b"a", b"A", b" a"]
+    assert torch.equal(EngramHasher(small_cfg(engram_compress=False), 3, token_bytes).canonical_ids,
+                       torch.arange(3))
+    assert torch.equal(EngramHasher(small_cfg(engram_compress=True), 3, None).canonical_ids, torch.arange(3))
+    assert EngramHasher(small_cfg(engram_compress=True), 3, token_bytes).n_canonical == 1
+
+
+# ----------------------------------------------------------------------------- the layer
+
+DIM = 32
+
+
+def make_layer(gate=True, conv_std=0.0, seed=0):
+    torch.manual_seed(seed)
+    cfg = small_cfg(engram_layers=(1,), engram_gate=gate, engram_rows_per_head=53)
+    hasher, layer = EngramHasher(cfg, V), Engram(DIM, cfg, layer_slot=0)
+    with torch.no_grad():
+        layer.table.weight.normal_(0.0, 1.0)  # large enough that outputs differ visibly
+        if conv_std:  # a trained-looking conv, so the conv branch is really exercised
+            layer.short_conv.conv.weight.normal_(0.0, conv_std)
+    return hasher, layer
+
+
+def inputs(B=2, T=24, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=gen), torch.randn(B, T, DIM, generator=gen)
+
+
+def test_gate_in_open_unit_interval_and_grads_finite():
+    hasher, layer = make_layer(conv_std=0.3)
+    ids, h = inputs()
+    h.requires_grad_()
+    y = layer(h, hasher(ids)[0])
+    gate = layer.last_gate
+    assert gate.shape == ids.shape and not gate.requires_grad
+    assert (gate > 0).all() and (gate < 1).all()
+    y.square().mean().backward()
+    # context-aware: the same memory with another hidden state gets another gate
+    layer(torch.randn_like(h), hasher(ids)[0])
+    assert not torch.allclose(layer.last_gate, gate)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert torch.isfinite(h.grad).all()
+
+
+def test_zero_conv_adds_nothing_at_init():
+    hasher, layer = make_layer()
+    ids, h = inputs()
+    rows = hasher(ids)[0]
+    # a model's generic init touches every weight; reset_parameters must re-zero the conv
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02)
+    layer.reset_parameters()
+    assert (layer.short_conv.conv.weight == 0).all()
+    y = layer(h, rows)
+    e = layer.table(rows).flatten(-2)
+    assert torch.equal(y, layer.last_gate[..., None] * layer.value_proj(e))
+    # gate off: plain additive memory W_V e
+    hasher, layer = make_layer(gate=False)
+    y = layer(h, rows)
+    assert torch.equal(y, layer.value_proj(layer.table(rows).flatten(-2))) and layer.last_gate is None
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_causal_in_ids_and_hidden(gate):
+    hasher, layer = make_layer(gate=gate, conv_std=0.3)
+    ids, h = inputs()
+    y = layer(h, hasher(ids)[0])
+    t = 11
+    ids2, h2 = ids.clone(), h.clone()
+    ids2[:, t + 1:] = (ids2[:, t + 1:] + 7) % V
+    h2[:, t + 1:] += torch.randn_like(h2[:, t + 1:])
+    y2 = layer(h2, hasher(ids2)[0])
+    assert torch.equal(y[:, :t + 1], y2[:, :t + 1])
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
+    # the conv carries an earlier change forward: perturbing the token at t moves later outputs
+    ids3 = ids.clone()
+    ids3[:, t] = (ids3[:, t] + 7) % V
+    y3 = layer(h, hasher(ids3)[0])
+    assert torch.equal(y[:, :t], y3[:, :t]) and not torch.allclose(y[:, t + 9], y3[:, t + 9])
+
+
+def test_incremental_decoding_equals_full_forward():
+    hasher, layer = make_layer(conv_std=0.3)
+    ids, h = inputs(T=20)
+    full = layer(h, hasher(ids)[0])
+    P = hasher.max_order - 1
+    cache, outs = {}, []
+    prefill = 5
+    outs.append(layer(h[:, :prefill], hasher(ids[:, :prefill])[0], cache))
+    for t in range(prefill, ids.shape[1]):
+        prefix = ids[:, t - P:t]
+        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix)[0], cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-6)
+    # from the very first token, with "-1 = before the start" in the prefix
+    cache, outs = {}, []
+    for t in range(ids.shape[1]):
+        prefix = torch.cat([torch.full((2, P), -1), ids[:, :t]], dim=1)[:, -P:]
+        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix)[0], cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_param_groups_and_table_count():
+    cfg = small_cfg(engram_lr_mult=5.0, engram_weight_decay=0.0)
+    layer = Engram(DIM, cfg, layer_slot=1)
+    (group,) = layer.custom_param_groups()
+    assert len(group["params"]) == 1 and group["params"][0] is layer.table.weight
+    assert group["lr_mult"] == 5.0 and group["weight_decay"] == 0.0
+    head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
+    assert layer.n_table_params() == sum(head_table_sizes(cfg)[1]) * head_dim
