@@ -1,0 +1,408 @@
+"""Train a nano-engram GPT on TinyStories.
+
+    python train.py                                  # preset chosen by device
+    python train.py --source=../shared/tinystories   # offline: local TinyStories text
+    python train.py --preset=cpu --engram=off --max_iters=500
+    torchrun --nproc_per_node=2 train.py             # DDP (nccl on GPU, gloo on CPU)
+
+Every config field below (and in data.DataConfig, model.GPTConfig and its
+sub-configs) can be overridden as --key=value. The run directory gets
+config.json, log.jsonl (one line per evaluation) and ckpt.pt; --resume
+continues a run exactly where it stopped.
+"""
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import DataConfig, DataError, Tokenizer, batch_at, get_batch, load_or_prepare, load_tokens, val_starts
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"
+    preset: str = ""                  # 'cpu' | 'gpu'; '' = chosen by device
+    device: str = "auto"              # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+    compile: bool = False             # torch.compile the model
+    resume: bool = False              # continue from out_dir/ckpt.pt
+    seed: int = 1337
+    max_iters: int = 2000
+    eval_interval: int = 200
+    eval_iters: int = 20              # validation batches per evaluation (fixed windows)
+    batch_size: int = 32              # sequences per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0           # 0 = max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0            # 0 = off
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+
+# Presets are plain overrides, applied before the command line's.
+PRESETS = {
+    # About 10 minutes on 2 CPU cores: ~0.8M tokens, 1.6 epochs of the 0.5M-token excerpt in
+    # ../shared (past ~2 epochs the validation loss turns up). Short runs need the router bias
+    # to adapt faster than DeepSeek-V3's 1e-3 per step, hence bias_update_speed.
+    "cpu": dict(max_iters=400, eval_interval=50, eval_iters=10, batch_size=16, block_size=128,
+                n_layer=6, n_head=8, n_embd=256, learning_rate=3e-3, min_lr=3e-4, warmup_iters=40,
+                bias_update_speed=1e-2),
+    # A single modern GPU: a ~50M-parameter model on ~330M tokens (TinyStories has ~470M).
+    "gpu": dict(max_iters=5000, eval_interval=250, eval_iters=40, batch_size=128, block_size=512,
+                n_layer=8, n_head=8, n_embd=512, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
+                moe_inter_dim=256, n_routed_experts=16, n_activated_experts=2, bias_update_speed=1e-3,
+                engram_rows_per_head=65537, engram_dim_per_order=256),
+}
+
+
+class ConfigError(Exception):
+    """A bad flag or value; main() prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def flat_fields(cfg):
+    """{field name: (dataclass instance owning it, its default type)} across nested configs.
+    Sub-config names are unique, so the command line can stay flat (--kv_lora_rank=64)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value))
+        else:
+            out[f.name] = (cfg, type(value))
+    return out
+
+
+def parse_value(key, text, typ):
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is tuple:
+            return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+        return typ(text)
+    except ValueError:
+        kind = "comma-separated integers" if typ is tuple else typ.__name__
+        raise ConfigError(f"--{key}={text}: expected {kind}") from None
+
+
+def parse_flags(argv):
+    """['--a=1', '--b', '2', '--flag'] -> {'a': '1', 'b': '2', 'flag': 'true'}."""
+    flags, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        flags[key] = value
+        i += 1
+    return flags
+
+
+def apply_flags(cfg, flags):
+    """Set each --key=value on the (nested) dataclass cfg, type-checked."""
+    table = flat_fields(cfg)
+    for key, text in flags.items():
+        if key not in table:
+            near = difflib.get_close_matches(key, table, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""
+            raise ConfigError(f"unknown flag --{key}{hint}")
+        owner, typ = table[key]
+        setattr(owner, key, parse_value(key, text, typ) if isinstance(text, str) else text)
+    return cfg
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def build_config(argv):
+    """Defaults <- preset (chosen by device unless given) <- command line."""
+    flags = parse_flags(argv)
+    if "engram" in flags:  # --engram=off is shorthand for an empty layer list
+        choice = flags.pop("engram").lower()
+        if choice not in ("on", "off"):
+            raise ConfigError(f"--engram={choice}: expected on or off")
+        if choice == "off":
+            flags["engram_layers"] = ""
+    cfg = TrainConfig()
+    device = flags.get("device", cfg.device)
+    device = default_device() if device == "auto" else device
+    preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset={preset}: expected one of {', '.join(PRESETS)}")
+    apply_flags(cfg, PRESETS[preset])
+    apply_flags(cfg, flags)
+    cfg.preset, cfg.device = preset, device
+    try:  # re-validate the model config after the overrides
+        cfg.model = GPTConfig.from_dict(dataclasses.asdict(cfg.model))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    for name in ("max_iters", "batch_size", "eval_iters", "eval_interval", "gradient_accumulation_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- training helpers
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr (nanoGPT's schedule)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens, starts, batch_size, block_size, device, autocast):
+    """Mean loss over the fixed validation windows (the same for every run)."""
+    model.eval()
+    losses = []
+    for i in range(0, len(starts), batch_size):
+        x, y = batch_at(val_tokens, starts[i:i + batch_size], block_size, device)
+        with autocast:
+            _, loss = model(x, y)
+        losses.append(loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def save_checkpoint(path, state):
+    """Atomic write: a crash mid-save never leaves a broken ckpt.pt behind."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load ckpt.pt or raise ConfigError with a one-line reason."""
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}: train one first (python train.py --out_dir=...)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated file, not a checkpoint, ...
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and retrain") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ConfigError(f"checkpoint {path} is not a nano-engram checkpoint")
+    return ckpt
+
+
+def trim_log(log_path, last_iter):
+    """On resume, drop log lines written after the checkpoint (they will be redone)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= last_iter]
+    with open(log_path, "w") as f:
+        f.writelines(keep)
+
+
+def check_ranks_agree(model, world, master):
+    """DDP sanity check: after training, every rank must hold the same weights."""
+    local = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("DDP ranks diverged: their parameters differ after training")
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks")
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def train(cfg: TrainConfig):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(cfg.device)
+    master = rank == 0
+    device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = ckpt["config"]
+        cfg.model = GPTConfig.from_dict(saved["model"])  # the architecture comes from the checkpoint
+        cfg.data = DataConfig(**saved["data"])
+
+    # Data: rank 0 prepares it (downloading if needed); the others wait, then read it.
+    if master:
+        meta = load_or_prepare(cfg.data)
+    if ddp:
+        dist.barrier()
+    if not master:
+        meta = load_or_prepare(cfg.data)
+    tok = Tokenizer.from_meta(meta)
+    train_tokens = load_tokens(cfg.data.data_dir, "train")
+    val_tokens = load_tokens(cfg.data.data_dir, "val")
+    cfg.model.vocab_size = tok.vocab_size
+    block_size = cfg.model.block_size
+    n_val_windows = cfg.eval_iters * cfg.batch_size
+    starts = val_starts(len(val_tokens), n_val_windows, block_size)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = GPT(cfg.model, token_bytes=tok.token_bytes()).to(cfg.device)
+    optimizer = model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    rng = np.random.default_rng(cfg.seed + rank)  # each rank draws its own batches
+    it, tokens_seen, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        it, tokens_seen, elapsed = ckpt["iter"], ckpt["tokens"], ckpt["elapsed_s"]
+        rng.bit_generator.state = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else rng.bit_generator.state
+        torch.set_rng_state(ckpt["torch_rng"])
+        if master:
+            trim_log(log_path, it)
+
+    counts = model.param_counts()
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(cfg.model.engram.engram_layers)} | "
+              f"params total {counts['total'] / 1e6:.2f}M, active/token {counts['active'] / 1e6:.2f}M, "
+              f"engram tables {counts['engram_tables'] / 1e6:.2f}M | vocab {tok.vocab_size}")
+        print(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; "
+              f"preset={cfg.preset} device={cfg.device} world={world}"
+              + (f"; resuming at iter {it}" if ckpt else ""))
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(cfg.device.split(":")[1])] if device_type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * world
+
+    def checkpoint_state(gather=True):
+        rng_states = [rng.bit_generator.state]
+        if ddp and gather:  # every rank's data position, so all of them resume where they were
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, rng.bit_generator.state)
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "config": dataclasses.asdict(cfg), "meta": meta, "iter": it, "tokens": tokens_seen,
+                "elapsed_s": elapsed, "rng": rng_states, "torch_rng": torch.get_rng_state()}
+
+    def log_eval(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if it == 0 and master:  # the untrained model's loss anchors every curve
+        val0 = evaluate(raw_model, val_tokens, starts, cfg.batch_size, block_size, cfg.device, autocast)
+        log_eval({"iter": 0, "tokens": 0, "train_loss": None, "val_loss": val0, "lr": 0.0, "tok_per_s": 0.0,
+                  "elapsed_s": 0.0})
+    recent_losses, window_t0, window_tokens = [], time.time(), 0
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not master, desc="train", dynamic_ncols=True)
+    t_last = time.time()
+    try:
+        while it < cfg.max_iters:
+            lr = lr_at(it, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            for micro in range(cfg.gradient_accumulation_steps):
+                x, y = get_batch(train_tokens, cfg.batch_size, block_size, rng, cfg.device)
+                sync = not ddp or micro == cfg.gradient_accumulation_steps - 1
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps
+                loss.backward()
+                recent_losses.append(loss.item() * cfg.gradient_accumulation_steps)
+            if not math.isfinite(recent_losses[-1]):
+                if master:
+                    print(f"\nerror: loss became {recent_losses[-1]} at iter {it}; stopping. The last good checkpoint "
+                          f"(if any) is kept at {ckpt_path}. Try a lower --learning_rate.", file=sys.stderr)
+                sys.exit(1)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            moe_load = raw_model.update_router_biases()  # aux-loss-free balancing (DeepSeek-V3 §2.1.2)
+            it += 1
+            tokens_seen += tokens_per_iter
+            window_tokens += tokens_per_iter
+            now = time.time()
+            elapsed += now - t_last
+            t_last = now
+            tok_per_s = window_tokens / max(now - window_t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:,.0f}")
+
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                val_loss = evaluate(raw_model, val_tokens, starts, cfg.batch_size, block_size, cfg.device, autocast)
+                t_eval = time.time()
+                elapsed += t_eval - t_last  # evaluation time counts as wall time too
+                t_last = t_eval
+                if master:
+                    record = {"iter": it, "tokens": tokens_seen, "train_loss": float(np.mean(recent_losses)),
+                              "val_loss": val_loss, "lr": lr, "tok_per_s": tok_per_s, "elapsed_s": elapsed}
+                    if moe_load:
+                        record["moe_max_over_mean"] = {str(k): round(v["max_over_mean"], 3) for k, v in moe_load.items()}
+                    log_eval(record)
+                    bar.write(f"iter {it}: train {record['train_loss']:.4f} val {val_loss:.4f} "
+                              f"({tok_per_s:,.0f} tok/s, {elapsed:.0f}s)")
+                state = checkpoint_state()  # collective under DDP: every rank takes part
+                if master:
+                    save_checkpoint(ckpt_path, state)
+                recent_losses, window_t0, window_tokens = [], time.time(), 0
+    except KeyboardInterrupt:
+        if master:
+            bar.write(f"interrupted at iter {it}: saving {ckpt_path}; continue with --resume")
+            save_checkpoint(ckpt_path, checkpoint_state(gather=False))  # no collectives mid-interrupt
+        sys.exit(130)
+    finally:
+        bar.close()
+    if ddp:
+        check_ranks_agree(raw_model, world, master)
+        dist.destroy_process_group()
+    return raw_model
+
+
+def main(argv=None):
+    try:
+        cfg = build_config(sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
