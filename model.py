@@ -210,7 +210,7 @@ class GPT(nn.Module):
                 cache.engram_prefix = tail[:, -keep:] if keep > 0 else tail[:, :0]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss = loss + self.aux_loss()
         return logits, loss
 

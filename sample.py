@@ -29,6 +29,8 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     stop_at_eot: bool = True          # end a sample at the end-of-story token
+    show_gates: bool = False          # after sampling, show where Engram's gate opens (PNG + terminal)
+    gates_png: str = ""               # where the heatmap goes; '' = out_dir/gates.png
 
 
 def load_model(out_dir, device):
@@ -70,6 +72,52 @@ def stream_sample(model, tok, prompt_ids, cfg, out=sys.stdout):
     return generated
 
 
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def engram_gates(model, ids):
+    """Run ids (list of int) through the model; return {block index: gate values (T,)} for
+    every gated Engram layer (Engram paper §2.3: alpha_t in (0, 1), how much memory is let in)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(torch.tensor([ids[:model.cfg.block_size]], device=device))
+    return {i: b.engram.last_gate[0].float().cpu() for i, b in enumerate(model.blocks)
+            if b.engram is not None and b.engram.last_gate is not None}
+
+
+def show_gates(model, tok, ids, png_path, out=sys.stdout):
+    """A heatmap of the gate over the tokens (one row per Engram layer) and a terminal
+    rendering: each token followed by its gate value in tenths (⁹ = 0.9 or more)."""
+    gates = engram_gates(model, ids)
+    if not gates:
+        raise ConfigError("this model has no gated Engram layer (trained with --engram=off or --engram_gate=false)")
+    pieces = [tok.decode([i]) for i in ids[:model.cfg.block_size]]
+    for layer, g in gates.items():
+        out.write(f"--- Engram gate, block {layer} (mean {g.mean():.2f})\n")
+        out.write("".join(p + str(min(9, int(v * 10))).translate(SUPERSCRIPT) for p, v in zip(pieces, g.tolist())))
+        out.write("\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    per_row = 40  # tokens per heatmap row, so long stories stay legible
+    n_rows = (len(pieces) + per_row - 1) // per_row
+    fig, axes = plt.subplots(n_rows, 1, figsize=(16, 0.5 + n_rows * (0.45 * len(gates) + 0.9)), squeeze=False)
+    matrix = torch.stack(list(gates.values())).numpy()  # (n_layers, T)
+    for r, ax in enumerate(axes[:, 0]):
+        chunk = slice(r * per_row, (r + 1) * per_row)
+        im = ax.imshow(matrix[:, chunk], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(pieces[chunk])))
+        ax.set_xticklabels([repr(p)[1:-1] for p in pieces[chunk]], rotation=70, fontsize=7)
+        ax.set_yticks(range(len(gates)))
+        ax.set_yticklabels([f"block {i}" for i in gates], fontsize=8)
+    axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory used)")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    out.write(f"gate heatmap written to {png_path}\n")
+
+
 def main(argv=None):
     try:
         cfg = apply_flags(SampleConfig(), parse_flags(sys.argv[1:] if argv is None else argv))
@@ -83,10 +131,19 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     torch.manual_seed(cfg.seed)
+    ids = prompt_ids
     for i in range(cfg.num_samples):
         print(f"--- sample {i + 1}/{cfg.num_samples}")
         sys.stdout.write(prompt)
-        stream_sample(model, tok, prompt_ids, cfg)
+        generated = stream_sample(model, tok, prompt_ids, cfg)
+        if i == 0:
+            ids = prompt_ids + generated
+    if cfg.show_gates:  # on the first sample, or on the prompt alone with --num_samples=0
+        try:
+            show_gates(model, tok, ids, cfg.gates_png or os.path.join(cfg.out_dir, "gates.png"))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ PRESETS = {
     # A single modern GPU: a ~50M-parameter model on ~330M tokens (TinyStories has ~470M).
     "gpu": dict(max_iters=5000, eval_interval=250, eval_iters=40, batch_size=128, block_size=512,
                 n_layer=8, n_head=8, n_embd=512, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
+                kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                 moe_inter_dim=256, n_routed_experts=16, n_activated_experts=2, bias_update_speed=1e-3,
                 engram_rows_per_head=65537, engram_dim_per_order=256),
 }
@@ -300,6 +301,10 @@ def train(cfg: TrainConfig):
         print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(cfg.model.engram.engram_layers)} | "
               f"params total {counts['total'] / 1e6:.2f}M, active/token {counts['active'] / 1e6:.2f}M, "
               f"engram tables {counts['engram_tables'] / 1e6:.2f}M | vocab {tok.vocab_size}")
+        hasher = model.engram_hasher
+        if hasher is not None:
+            print(f"engram: tokenizer compression {tok.vocab_size:,} -> {hasher.n_canonical:,} canonical ids "
+                  f"({100 * hasher.reduction:.1f}% fewer); n-gram orders {list(cfg.model.engram.ngram_orders)}")
         print(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; "
               f"preset={cfg.preset} device={cfg.device} world={world}"
               + (f"; resuming at iter {it}" if ckpt else ""))

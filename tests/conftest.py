@@ -1,6 +1,13 @@
 import os
 from pathlib import Path
 
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. Triton reads this variable when it is
+# first imported, so it must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The shared folder beside the repo holds tiktoken's GPT-2 BPE files for machines without internet.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 if (SHARED / "tiktoken").is_dir():

@@ -86,6 +86,12 @@ def test_sample_streams_a_story(prepared, tmp_path):
     prompt_file.write_text("The cat sat")
     proc = run("sample.py", f"--out_dir={out}", f"--start=FILE:{prompt_file}", "--num_samples=1", "--max_new_tokens=5")
     assert proc.returncode == 0 and "The cat sat" in proc.stdout
+    png = tmp_path / "gates.png"
+    proc = run("sample.py", f"--out_dir={out}", "--num_samples=0", "--start=Once upon a time there was a cat",
+               "--show_gates", f"--gates_png={png}")
+    assert proc.returncode == 0, proc.stderr
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Engram gate, block 1" in proc.stdout and " upon" in proc.stdout
 
 
 def assert_one_line_error(proc, *fragments):
