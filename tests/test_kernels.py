@@ -1,0 +1,336 @@
+"""Tests for kernels.py: every Triton kernel against its PyTorch reference.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), so the shapes
+are tiny; they are chosen to cross block edges (the interpreter's blocks are 16 wide), leave
+experts empty, and hash pad ids and ids near the int64 bound. On a GPU the same tests run the
+compiled kernels.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton reads TRITON_INTERPRET when it is first imported (its own library functions are jit
+# functions too), and kernels.py when it is. So it must be set before anything imports triton,
+# including torch.utils.flop_counter and torch.compile: tests/conftest.py is the right place; this
+# is the fallback when this file happens to be the first to import triton.
+TRITON_IMPORTED_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402  imports with or without triton
+from engram import EngramConfig, EngramHasher, hash_ngrams  # noqa: E402
+from mla import MLA, MLAConfig  # noqa: E402
+from moe import grouped_swiglu  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402  (imports triton)
+
+
+TRITON_RUNNABLE = kernels.HAVE_TRITON and (
+    DEVICE == "cuda" or (kernels.INTERPRET and not TRITON_IMPORTED_TOO_EARLY))
+
+
+@pytest.fixture
+def triton_mode():
+    pytest.importorskip("triton", reason="triton is not installed: only the PyTorch path can be tested")
+    if not TRITON_RUNNABLE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on "
+                    "the CPU; set it in tests/conftest.py before anything imports triton")
+    return "triton"
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def test_use_triton_resolves_the_kernels_flag():
+    assert kernels.use_triton("torch", DEVICE) is False
+    assert kernels.use_triton("auto", "cpu") is False  # never the (slow) interpreter by default
+    with pytest.raises(ValueError, match="--kernels"):
+        kernels.use_triton("fast", DEVICE)
+    if kernels.HAVE_TRITON and (DEVICE == "cuda" or kernels.INTERPRET):
+        assert kernels.use_triton("triton", DEVICE) is True
+    elif kernels.HAVE_TRITON:  # CPU tensors, kernels built for a GPU
+        with pytest.raises(ValueError, match="need a CUDA GPU"):
+            kernels.use_triton("triton", "cpu")
+    if torch.cuda.is_available():
+        assert kernels.use_triton("auto", "cuda") is kernels.HAVE_TRITON
+
+
+def test_without_triton_the_module_imports_and_falls_back_to_torch(monkeypatch):
+    """Load a second copy of kernels.py with `import triton` failing."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # None in sys.modules makes the import raise
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("kernels_without_triton", ROOT / "kernels.py")
+    bare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bare)
+    assert not bare.HAVE_TRITON and not bare.INTERPRET
+    with pytest.raises(ValueError, match="--kernels=triton: triton is not installed"):
+        bare.use_triton("triton", "cpu")
+    assert not bare.use_triton("auto", "cpu")
+
+    context, args, table = engram_case(seed=0)
+    assert torch.equal(bare.engram_lookup(context, *args, table, mode="auto"),
+                       kernels.engram_lookup_reference(context, *args, table))
+    x, counts, w1, w3, w2 = moe_case([2, 0, 3])
+    assert torch.equal(bare.moe_grouped_swiglu(x, counts, w1, w3, w2, mode="auto"),
+                       grouped_swiglu(x, counts, w1, w3, w2))
+    q, q_rope, kv, k_rope = mla_case(seed=0, S=5)
+    assert torch.equal(bare.mla_decode_attention(q, q_rope, kv, k_rope, 0.3, mode="auto"),
+                       kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.3))
+
+
+# ----------------------------------------------------------------------------- 1. Engram lookup
+
+def engram_case(seed, ngram_orders=(2, 3), B=2, T=21, prefix=None, rows_per_head=53, vocab=50000, layer=1):
+    """One Engram layer's kernel arguments. A large identity vocabulary makes the canonical ids (and
+    so the products c * m, up to ~2**62) large; head_dim 20 is not a power of two."""
+    cfg = EngramConfig(engram_layers=(0, 1), ngram_orders=ngram_orders, engram_heads_per_order=2,
+                       engram_dim_per_order=40, engram_rows_per_head=rows_per_head, engram_compress=False)
+    hasher = EngramHasher(cfg, vocab).to(DEVICE)
+    ids = torch.randint(0, vocab, (B, T), generator=seeded(seed)).to(DEVICE)
+    context = hasher.canonical_context(ids, prefix)  # (B, P+T), pads at the left unless prefix
+    args = (hasher.multipliers[layer], hasher.head_primes[layer], hasher.head_offsets[layer],
+            hasher.ngram_orders, hasher.heads_per_order)
+    n_rows = int(hasher.head_primes[layer].sum())
+    table = torch.randn(n_rows, 20, generator=seeded(seed + 1)).to(DEVICE)
+    table[:, 0] = torch.arange(n_rows, dtype=torch.float32)  # column 0 names its row: exact in float32
+    return context, args, table
+
+
+@pytest.mark.parametrize("ngram_orders,T,prefix", [
+    ((2, 3), 21, None),               # T not a multiple of the block; pad ids at the start
+    ((1, 3), 16, None),               # order 1 and a gap in the orders; T exactly one block
+    ((2, 3), 1, [[-1, -1], [7, 49999]]),  # a decode step: one token after < P real ids / big ids
+])
+def test_engram_lookup_matches_reference_exactly(triton_mode, ngram_orders, T, prefix):
+    if prefix is not None:
+        prefix = torch.tensor(prefix, device=DEVICE)
+    context, args, table = engram_case(seed=T, ngram_orders=ngram_orders, T=T, prefix=prefix)
+    out = kernels.engram_lookup(context, *args, table, mode=triton_mode)
+    ref = kernels.engram_lookup_reference(context, *args, table)
+    assert out.shape == ref.shape == (2, T, 4 * 20)
+    assert torch.equal(out, ref)  # a gather copies: bit-exact
+    multipliers, primes, offsets, orders, heads_per_order = args
+    rows = hash_ngrams(context, multipliers[None], primes[None], offsets[None], orders, heads_per_order)[0]
+    assert torch.equal(out[..., ::20].long(), rows)  # every head's row index, exactly
+
+
+def test_engram_lookup_gradient_accumulates_repeated_rows(triton_mode):
+    # 5-row heads: most (token, head) pairs share a row with others, so the atomics must add up
+    context, args, table = engram_case(seed=3, B=3, T=19, rows_per_head=5)
+    grad_out = torch.randn(3, 19, 80, generator=seeded(4)).to(DEVICE)
+    table_k = table.clone().requires_grad_(True)
+    table_r = table.clone().requires_grad_(True)
+    (kernels.engram_lookup(context, *args, table_k, mode=triton_mode) * grad_out).sum().backward()
+    (kernels.engram_lookup_reference(context, *args, table_r) * grad_out).sum().backward()
+    torch.testing.assert_close(table_k.grad, table_r.grad, rtol=1e-5, atol=1e-5)
+    assert table_r.grad.abs().sum(dim=1).gt(0).sum() < table.shape[0]  # some rows untouched ...
+    assert table_r.grad.abs().max() > grad_out.abs().max()  # ... and some hit more than once
+
+
+def test_engram_lookup_bytes_counts_ids_rows_and_output():
+    context, args, table = engram_case(seed=0)
+    out = kernels.engram_lookup_reference(context, *args, table)
+    B, T, _ = out.shape
+    assert kernels.engram_lookup_bytes(B * T, 4, 20, elem_bytes=4) == B * T * 8 + 2 * out.nbytes
+
+
+# ----------------------------------------------------------------------------- 2. MoE grouped GEMM
+
+def moe_case(counts, dim=24, inter=40, seed=0):
+    """Rows sorted by expert and stacked expert weights; dim and inter cross the K/N blocks."""
+    g = seeded(seed)
+    E, M = len(counts), sum(counts)
+    x = torch.randn(M, dim, generator=g)
+    w1 = torch.randn(E, inter, dim, generator=g) / dim ** 0.5
+    w3 = torch.randn(E, inter, dim, generator=g) / dim ** 0.5
+    w2 = torch.randn(E, dim, inter, generator=g) / inter ** 0.5
+    return [t.to(DEVICE) for t in (x, torch.tensor(counts), w1, w3, w2)]
+
+
+def test_tile_schedule_covers_every_row_once():
+    counts = [0, 5, 17, 33, 0, 16]
+    expert, start, end, offsets = kernels.grouped_tile_schedule(torch.tensor(counts), sum(counts), block_m=16)
+    offsets = offsets.tolist()
+    assert offsets == [0, 0, 5, 22, 55, 55, 71]
+    real = [(e, s, t) for e, s, t in zip(expert.tolist(), start.tolist(), end.tolist()) if s < t]
+    assert len(real) == sum(-(-n // 16) for n in counts)  # ceil(count / block) tiles per expert, no more
+    covered = torch.zeros(sum(counts), dtype=torch.long)
+    for e, s, t in real:  # each tile lies in its own expert's segment, block-aligned from its start
+        assert offsets[e] <= s and t == offsets[e + 1] and (s - offsets[e]) % 16 == 0
+        covered[s:min(t, s + 16)] += 1
+    assert covered.eq(1).all()
+
+
+@pytest.mark.parametrize("counts", [
+    [0, 5, 17, 33, 0],  # idle experts first and last, partial tiles, a segment of three tiles
+    [0, 0, 1, 0],       # a single token
+    [16, 0, 32],        # segments that are exact multiples of the interpreter's block
+])
+def test_grouped_swiglu_matches_reference_values_and_gradients(triton_mode, counts):
+    x, counts_t, w1, w3, w2 = moe_case(counts)
+    leaves_k = [t.clone().requires_grad_(True) for t in (x, w1, w3, w2)]
+    leaves_r = [t.clone().requires_grad_(True) for t in (x, w1, w3, w2)]
+    y_k = kernels.moe_grouped_swiglu(leaves_k[0], counts_t, *leaves_k[1:], mode=triton_mode)
+    y_r = grouped_swiglu(leaves_r[0], counts_t, *leaves_r[1:])
+    torch.testing.assert_close(y_k, y_r, rtol=1e-4, atol=1e-4)
+    grad_y = torch.randn(y_r.shape, generator=seeded(1)).to(DEVICE)
+    (y_k * grad_y).sum().backward()
+    (y_r * grad_y).sum().backward()
+    for name, a, b in zip(("x", "w1", "w3", "w2"), leaves_k, leaves_r):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+    idle = [e for e, n in enumerate(counts) if n == 0]
+    assert leaves_k[1].grad[idle].eq(0).all() and leaves_k[3].grad[idle].eq(0).all()  # idle experts: zero grads
+
+
+def test_grouped_swiglu_without_grad_and_without_rows(triton_mode):
+    x, counts, w1, w3, w2 = moe_case([3, 0, 20])
+    with torch.no_grad():  # the inference launch skips saving the pre-activations
+        torch.testing.assert_close(kernels.moe_grouped_swiglu(x, counts, w1, w3, w2, mode=triton_mode),
+                                   grouped_swiglu(x, counts, w1, w3, w2), rtol=1e-4, atol=1e-4)
+    x, counts, w1, w3, w2 = moe_case([0, 0])
+    assert kernels.moe_grouped_swiglu(x, counts, w1, w3, w2, mode=triton_mode).shape == (0, 24)
+
+
+def test_grouped_swiglu_flops_match_a_flop_counter():
+    x, counts, w1, w3, w2 = moe_case([4, 0, 9], seed=2)
+    with FlopCounterMode(display=False) as forward_count:
+        grouped_swiglu(x, counts, w1, w3, w2)
+    with FlopCounterMode(display=False) as total_count:
+        leaves = [t.requires_grad_(True) for t in (x, w1, w3, w2)]
+        grouped_swiglu(leaves[0], counts, *leaves[1:]).sum().backward()
+    M, dim, inter = 13, 24, 40
+    assert kernels.moe_grouped_swiglu_flops(M, dim, inter) == forward_count.get_total_flops()
+    assert kernels.moe_grouped_swiglu_flops(M, dim, inter, backward=True) == \
+        total_count.get_total_flops() - forward_count.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- 3. MLA decode
+
+def mla_case(seed, B=2, H=3, C=20, R=6, S=37):
+    """H below the head block, C and R not powers of two."""
+    g = seeded(seed)
+    shapes = ((B, H, C), (B, H, R), (B, S, C), (B, S, R))
+    return [torch.randn(*shape, generator=g).to(DEVICE) for shape in shapes]
+
+
+@pytest.mark.parametrize("S,num_splits", [(1, None), (37, None), (37, 3), (100, 7), (100, 3)])
+def test_mla_decode_matches_reference(triton_mode, S, num_splits):
+    # splits of 13/13/11, 15 x 6 + 10 and 34/34/32 tokens: shorter and longer than a block, uneven
+    q, q_rope, kv, k_rope = mla_case(seed=S, S=S)
+    out = kernels.mla_decode_attention(q, q_rope, kv, k_rope, 0.3, mode=triton_mode, num_splits=num_splits)
+    ref = kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.3)
+    assert out.shape == ref.shape == (2, 3, 20) and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mla_decode_reference_is_mlas_absorbed_attention_for_one_token():
+    """What MLA can swap in for T == 1: fold W^UK into the query, attend, apply W^UV."""
+    torch.manual_seed(0)
+    cfg = MLAConfig(kv_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10)
+    mla = MLA(32, 3, cfg).to(DEVICE)
+    B, S, H = 2, 9, 3
+    q_nope, q_rope = torch.randn(B, 1, H, 8, device=DEVICE), torch.randn(B, 1, H, 6, device=DEVICE)
+    kv, k_rope = torch.randn(B, S, 20, device=DEVICE), torch.randn(B, S, 6, device=DEVICE)
+    expected = mla._attend_absorbed(q_nope, q_rope, kv, k_rope, start_pos=S - 1)  # (B, 1, H, d_v)
+
+    w = mla.wkv_b.weight.view(H, 8 + 10, 20)
+    w_uk, w_uv = w.split([8, 10], dim=1)
+    q_latent = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)  # (B, H, d_c)
+    modes = ["torch"] + (["triton"] if TRITON_RUNNABLE else [])
+    for mode in modes:
+        y_latent = kernels.mla_decode_attention(q_latent, q_rope[:, 0], kv, k_rope, mla.softmax_scale, mode=mode)
+        y = torch.einsum("bhc,hdc->bhd", y_latent, w_uv)[:, None]  # (B, 1, H, d_v)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5, msg=f"mode={mode}")
+
+
+def test_mla_decode_bytes_counts_cache_queries_and_output():
+    q, q_rope, kv, k_rope = mla_case(seed=0, S=11)
+    out = kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.3)
+    moved = sum(t.nbytes for t in (q, q_rope, kv, k_rope, out))
+    assert kernels.mla_decode_bytes(2, 3, 11, 20, 6, elem_bytes=4) == moved
+
+
+# ----------------------------------------------------------------------------- compiling for Hopper
+
+def compile_every_kernel_for_sm90():
+    """Compile each kernel (first autotune config) to sm90 machine code, no GPU needed. The
+    interpreter runs Python, so it accepts code that the compiler rejects; this catches that.
+    Run in a fresh process with TRITON_INTERPRET=0 (see the test below)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+    assert not kernels.INTERPRET
+    pointer_types = {"context_ptr": "*i64", "multipliers_ptr": "*i64", "head_primes_ptr": "*i64",
+                     "head_offsets_ptr": "*i64", "head_orders_ptr": "*i32", "tile_expert_ptr": "*i32",
+                     "tile_start_ptr": "*i32", "tile_end_ptr": "*i32", "offsets_ptr": "*i32",
+                     "grad_table_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # others bf16
+
+    def compile_sm90(kernel, **constexprs):
+        jit, config = (kernel.fn, kernel.configs[0]) if isinstance(kernel, Autotuner) else (kernel, triton.Config({}))
+        constexprs.update(config.kwargs)
+        signature = {}
+        for name in jit.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = pointer_types.get(name, "*bf16")
+            else:
+                signature[name] = "fp32" if name == "scale_log2e" else "i32"
+        # as a launch with realistic shapes specialises: pointers and integers divisible by 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
+                 if signature[name] not in ("constexpr", "fp32")}
+        triton.compile(ASTSource(jit, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+    compile_sm90(kernels._engram_lookup_kernel, MAX_ORDER=3, BLOCK_D=32)
+    compile_sm90(kernels._engram_lookup_backward_kernel, MAX_ORDER=3, BLOCK_D=32, BLOCK_T=128)
+    compile_sm90(kernels._grouped_swiglu_up_kernel, SAVE_PREACT=True, PRECISION="ieee", BLOCK_M=64)
+    compile_sm90(kernels._grouped_gemm_kernel, TRANS_B=False, HAS_SECOND=True, PRECISION="ieee", BLOCK_M=64)
+    compile_sm90(kernels._grouped_swiglu_backward_kernel, PRECISION="ieee", BLOCK_M=64)
+    compile_sm90(kernels._grouped_weight_grad_kernel, PRECISION="ieee")
+    compile_sm90(kernels._mla_decode_split_kernel, PRECISION="ieee", BLOCK_C=512, BLOCK_R=64)
+    compile_sm90(kernels._mla_decode_combine_kernel, BLOCK_SPLITS=64, BLOCK_C=64)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    pytest.importorskip("triton", reason="triton is not installed")
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the other tests compile the kernels for real")
+    pytest.importorskip("triton.compiler", reason="this triton has no ahead-of-time compiler API")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # fresh, compiled kernels
+    code = "import test_kernels; test_kernels.compile_every_kernel_for_sm90()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- bf16 (GPU only)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are checked on a GPU only")
+def test_bf16_kernels_close_to_float32_reference(triton_mode):
+    context, args, table = engram_case(seed=5, T=300)
+    out = kernels.engram_lookup(context, *args, table.bfloat16(), mode=triton_mode)
+    assert torch.equal(out, kernels.engram_lookup_reference(context, *args, table).bfloat16())
+
+    x, counts, w1, w3, w2 = moe_case([0, 70, 130, 1], dim=96, inter=160)
+    y = kernels.moe_grouped_swiglu(*(t.bfloat16() if t.is_floating_point() else t for t in (x, counts, w1, w3, w2)),
+                                   mode=triton_mode)
+    torch.testing.assert_close(y.float(), grouped_swiglu(x, counts, w1, w3, w2), rtol=3e-2, atol=3e-2)
+
+    q, q_rope, kv, k_rope = mla_case(seed=6, B=4, H=16, C=512, R=64, S=1000)
+    out = kernels.mla_decode_attention(q.bfloat16(), q_rope.bfloat16(), kv.bfloat16(), k_rope.bfloat16(), 0.05,
+                                       mode=triton_mode)
+    torch.testing.assert_close(out.float(), kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.05),
+                               rtol=3e-2, atol=3e-2)
