@@ -282,9 +282,10 @@ class Engram(nn.Module):
         nn.init.normal_(self.table.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.short_conv.conv.weight)
 
-    def forward(self, h, rows, cache: dict | None = None):
-        # h (B, T, dim) hidden states, rows (B, T, H) this layer's rows -> (B, T, dim)
-        e = gather_memory(self.table.weight, rows)  # (B, T, d_mem)  memory vector e_t
+    def forward(self, h, rows, cache: dict | None = None, memory=None):
+        # h (B, T, dim) hidden states, rows (B, T, H) this layer's rows -> (B, T, dim).
+        # memory: e_t already fetched (kernels.engram_lookup fuses hashing and gather), else None.
+        e = gather_memory(self.table.weight, rows) if memory is None else memory  # (B, T, d_mem)  e_t
         value = self.value_proj(e)  # (B, T, dim)  v_t = W_V e_t
         if self.use_gate:
             key = self.key_proj(e)  # (B, T, dim)  k_t = W_K e_t

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels  # optional Triton decode kernel; it imports triton only if installed
+
 
 # -----------------------------------------------------------------------------
 # Rotary position embeddings
@@ -62,8 +64,10 @@ class MLA(nn.Module):
     "absorbed" form, which attends directly over the cached latents.
     """
 
-    def __init__(self, dim: int, n_heads: int, cfg: MLAConfig, rope_theta: float = 10000.0):
+    def __init__(self, dim: int, n_heads: int, cfg: MLAConfig, rope_theta: float = 10000.0,
+                 kernel_mode: str = "torch"):
         super().__init__()
+        self.kernel_mode = kernel_mode  # --kernels: Triton split-KV decode for one new token
         assert cfg.qk_rope_head_dim % 2 == 0, "rotary dim must be even (pairs are rotated)"
         self.n_heads = n_heads
         self.q_lora_rank = cfg.q_lora_rank
@@ -158,6 +162,11 @@ class MLA(nn.Module):
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
 
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c)
+        if T == 1 and kernels.use_triton(self.kernel_mode, q_latent.device):
+            # one new token: the FlashMLA-style split-KV kernel computes the same softmax(...) @ c
+            y_latent = kernels.mla_decode_attention(q_latent[:, 0], q_rope[:, 0], kv_latent, k_rope,
+                                                    self.softmax_scale, self.kernel_mode)[:, None]  # (B, 1, H, d_c)
+            return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)
         scores = torch.einsum("bthc,bsc->bhts", q_latent, kv_latent)  # (B, H, T, S)
         scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
         scores = scores * self.softmax_scale

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from engram import Engram, EngramConfig, EngramHasher
 from mla import MLA, MLAConfig, apply_rope, rope_cos_sin
 from moe import MoE, MoEConfig, SwiGLU
@@ -35,6 +36,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     attn: str = "mla"            # 'mha' | 'mla'
     ffn: str = "moe"             # 'dense' | 'moe'
+    kernels: str = "auto"        # 'auto' | 'triton' | 'torch': Triton kernels (kernels.py) on CUDA when available
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
@@ -44,6 +46,8 @@ class GPTConfig:
             raise ValueError(f"attn must be 'mha' or 'mla', got {self.attn!r}")
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
+        if self.kernels not in kernels.KERNEL_MODES:
+            raise ValueError(f"kernels must be one of {', '.join(kernels.KERNEL_MODES)}, got {self.kernels!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         bad = [i for i in self.engram.engram_layers if not 0 <= i < self.n_layer]
@@ -112,11 +116,11 @@ class CausalSelfAttention(nn.Module):
 def make_block_parts(cfg: GPTConfig, layer_id: int):
     """The one place that decides which attention, FFN and memory a block has."""
     if cfg.attn == "mla":
-        attn = MLA(cfg.n_embd, cfg.n_head, cfg.mla, cfg.rope_theta)
+        attn = MLA(cfg.n_embd, cfg.n_head, cfg.mla, cfg.rope_theta, kernel_mode=cfg.kernels)
     else:
         attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.rope_theta)
     if cfg.ffn == "moe" and layer_id >= cfg.moe.n_dense_layers:
-        ffn = MoE(cfg.n_embd, cfg.moe)
+        ffn = MoE(cfg.n_embd, cfg.moe, kernel_mode=cfg.kernels)
     else:
         ffn = SwiGLU(cfg.n_embd, cfg.dense_hidden)
     engram = None
@@ -134,9 +138,10 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
 
-    def forward(self, x, engram_rows=None, cache=None, start_pos=0):
+    def forward(self, x, engram_memory=None, cache=None, start_pos=0):
         if self.engram is not None:
-            x = x + self.engram(x, engram_rows, None if cache is None else cache.setdefault("engram", {}))
+            x = x + self.engram(x, engram_memory.get("rows"), None if cache is None else cache.setdefault("engram", {}),
+                                memory=engram_memory.get("memory"))
         x = x + self.attn(self.attn_norm(x), None if cache is None else cache.setdefault("attn", {}), start_pos)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -190,17 +195,10 @@ class GPT(nn.Module):
         start_pos = 0 if cache is None else cache.pos
         if start_pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size={self.cfg.block_size}")
-        engram_rows = None
-        if self.engram_hasher is not None:  # hash once for all Engram layers
-            prefix = None if cache is None else cache.engram_prefix
-            engram_rows = self.engram_hasher(idx, prefix)  # (n_engram_layers, B, T, heads)
         x = self.tok_emb(idx)  # (B, T, C)
-        slot = 0
+        memories = self.engram_memories(idx, None if cache is None else cache.engram_prefix)
         for i, block in enumerate(self.blocks):
-            rows = None
-            if block.engram is not None:
-                rows, slot = engram_rows[slot], slot + 1
-            x = block(x, rows, None if cache is None else cache.layers[i], start_pos)
+            x = block(x, memories.get(i), None if cache is None else cache.layers[i], start_pos)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         if cache is not None:
             cache.pos += T
@@ -213,6 +211,25 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss = loss + self.aux_loss()
         return logits, loss
+
+    def engram_memories(self, idx, prefix):
+        """What each Engram block looks up, hashed once per forward for all of them.
+
+        PyTorch: the hash rows of every Engram layer at once ({"rows": (B, T, heads)}
+        per block). Triton: one fused hash-and-gather kernel per layer returns the
+        memory vector e_t itself ({"memory": (B, T, d_mem)})."""
+        if self.engram_hasher is None:
+            return {}
+        blocks = [i for i, b in enumerate(self.blocks) if b.engram is not None]
+        h = self.engram_hasher
+        if kernels.use_triton(self.cfg.kernels, idx.device):
+            context = h.canonical_context(idx, prefix)  # (B, max_order - 1 + T) canonical ids
+            return {i: {"memory": kernels.engram_lookup(
+                context, h.multipliers[slot], h.head_primes[slot], h.head_offsets[slot], h.ngram_orders,
+                h.heads_per_order, self.blocks[i].engram.table.weight, self.cfg.kernels)}
+                for slot, i in enumerate(blocks)}
+        rows = h(idx, prefix)  # (n_engram_layers, B, T, heads)
+        return {i: {"rows": rows[slot]} for slot, i in enumerate(blocks)}
 
     def aux_loss(self):
         """Sum of the MoE layers' sequence-wise balance losses (zero when disabled)."""

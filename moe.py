@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels  # optional Triton grouped GEMM; it imports triton only if installed
+
 
 class SwiGLU(nn.Module):
     """FFN(x) = W2 (SiLU(W1 x) * W3 x) (Shazeer 2020, "GLU Variants")."""
@@ -126,11 +128,12 @@ def grouped_swiglu(x_sorted, counts, w1, w3, w2):
     return torch.cat(outputs, dim=0)
 
 
-def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2):
+def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2, kernel_mode="torch"):
     """Dropless routed-expert output without a loop over tokens.
 
     x: (N, dim); expert_ids, weights: (N, k). Returns (N, dim) = sum over each token's
     chosen experts of weight * expert(x), and the per-expert token counts (E,).
+    kernel_mode ('auto' | 'triton' | 'torch') picks the grouped-GEMM kernel or the loop.
     """
     N, k = expert_ids.shape
     n_experts = w1.shape[0]
@@ -138,7 +141,7 @@ def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2):
     order = flat_ids.argsort(stable=True)  # (N*k,) pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=n_experts)  # (E,)
     token_of_pair = order // k  # (N*k,)
-    y_sorted = grouped_swiglu(x[token_of_pair], counts, w1, w3, w2)  # (N*k, dim)
+    y_sorted = kernels.moe_grouped_swiglu(x[token_of_pair], counts, w1, w3, w2, kernel_mode)  # (N*k, dim)
     y_sorted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)
     y = y_sorted.new_zeros(N, x.shape[1]).index_add(0, token_of_pair, y_sorted)  # (N, dim)
     return y, counts
@@ -169,8 +172,9 @@ def sequence_balance_loss(scores, expert_ids, n_experts, batch_size, alpha):
 class MoE(nn.Module):
     """Shared experts + top-k routed fine-grained experts (DeepSeekMoE, V3 §2.1.2)."""
 
-    def __init__(self, dim, cfg):
+    def __init__(self, dim, cfg, kernel_mode="torch"):
         super().__init__()
+        self.kernel_mode = kernel_mode  # --kernels: Triton grouped GEMM or the per-expert loop
         E, k = cfg.n_routed_experts, cfg.n_activated_experts
         assert E % cfg.n_expert_groups == 0, "n_routed_experts must divide into n_expert_groups"
         assert cfg.n_limited_groups <= cfg.n_expert_groups
@@ -202,7 +206,8 @@ class MoE(nn.Module):
         x_flat = x.reshape(B * T, dim)  # (N, dim)
         scores = router_scores(self.gate(x_flat), self.cfg.score_func)  # (N, E) float32
         weights, expert_ids = route(scores, self.expert_bias, self.cfg)  # (N, k), (N, k)
-        y, counts = dispatch_to_experts(x_flat, expert_ids, weights, self.w1, self.w3, self.w2)  # (N, dim)
+        y, counts = dispatch_to_experts(x_flat, expert_ids, weights, self.w1, self.w3, self.w2,
+                                        self.kernel_mode)  # (N, dim)
         if self.shared is not None:
             y = y + self.shared(x_flat)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from data import Tokenizer
 from model import GPT, GPTConfig
 from train import ConfigError, apply_flags, load_checkpoint, parse_flags
@@ -28,15 +29,18 @@ class SampleConfig:
     top_k: int = 200                  # 0 = no top-k filtering
     seed: int = 1337
     device: str = "auto"
+    kernels: str = "auto"             # 'auto' | 'triton' | 'torch' (see kernels.py)
     stop_at_eot: bool = True          # end a sample at the end-of-story token
     show_gates: bool = False          # after sampling, show where Engram's gate opens (PNG + terminal)
     gates_png: str = ""               # where the heatmap goes; '' = out_dir/gates.png
 
 
-def load_model(out_dir, device):
+def load_model(out_dir, device, kernel_mode="auto"):
     """The trained GPT and its tokenizer from out_dir/ckpt.pt."""
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device="cpu")
-    model = GPT(GPTConfig.from_dict(ckpt["config"]["model"]))
+    model_cfg = GPTConfig.from_dict(ckpt["config"]["model"])
+    model_cfg.kernels = kernel_mode  # how to compute is the sampler's choice, not the checkpoint's
+    model = GPT(model_cfg)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, Tokenizer.from_meta(ckpt["meta"])
@@ -122,7 +126,11 @@ def main(argv=None):
     try:
         cfg = apply_flags(SampleConfig(), parse_flags(sys.argv[1:] if argv is None else argv))
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tok = load_model(cfg.out_dir, device)
+        try:
+            kernels.use_triton(cfg.kernels, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model, tok = load_model(cfg.out_dir, device, cfg.kernels)
         prompt = read_prompt(cfg.start)
         prompt_ids = tok.encode(prompt) or [tok.eot_id]  # an empty prompt starts a fresh story
         if len(prompt_ids) >= model.cfg.block_size:

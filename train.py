@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import kernels
 from data import DataConfig, DataError, Tokenizer, batch_at, get_batch, load_or_prepare, load_tokens, val_starts
 from model import GPT, GPTConfig
 
@@ -165,6 +166,10 @@ def build_config(argv):
     try:  # re-validate the model config after the overrides
         cfg.model = GPTConfig.from_dict(dataclasses.asdict(cfg.model))
     except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    try:  # --kernels=triton needs triton and a GPU (or the interpreter): say so now, not mid-run
+        kernels.use_triton(cfg.model.kernels, "cuda" if device.startswith("cuda") else device)
+    except ValueError as e:
         raise ConfigError(str(e)) from None
     for name in ("max_iters", "batch_size", "eval_iters", "eval_interval", "gradient_accumulation_steps"):
         if getattr(cfg, name) < 1:

@@ -107,6 +107,7 @@ def test_cli_errors(prepared, tmp_path):
     assert_one_line_error(run("train.py", "--max_iter=5"), "unknown flag --max_iter", "--max_iters")
     assert_one_line_error(run("train.py", "--batch_size=lots"), "--batch_size=lots", "int")
     assert_one_line_error(run("train.py", "--attn=gqa"), "attn")
+    assert_one_line_error(run("train.py", "--kernels=fast"), "kernels")
     assert_one_line_error(run("train.py", f"--data_dir={tmp_path / 'nodata'}", "--source=/no/such/place"),
                           "/no/such/place")
     assert_one_line_error(run("sample.py", f"--out_dir={tmp_path / 'nothing'}"), "no checkpoint")
