@@ -1,0 +1,39 @@
+"""bench.py runs on a CPU and prints one JSON object per line (its numbers are not asserted:
+speed is claimed in bench output, not in tests)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args, interpret=False):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_backbone_bench_prints_cache_sizes_and_speeds():
+    rows = run_bench("--steps=1")
+    cache = [r for r in rows if r["bench"] == "kv_cache_bytes_per_token_per_layer"]
+    assert cache and all(r["mla"] == 2 * (r["kv_lora_rank"] + r["qk_rope_head_dim"]) for r in cache)
+    assert all(r["mha"] == 2 * 2 * r["n_embd"] for r in cache)  # bf16 K and V of every head
+    speed = {r["model"]: r for r in rows if r["bench"] == "train_tokens_per_s"}
+    assert set(speed) == {"mla+moe", "mha+dense"}
+    active = [speed[m]["params_active"] for m in speed]
+    assert abs(active[0] - active[1]) / max(active) < 0.02  # matched active parameters
+
+
+def test_kernel_bench_runs_without_a_gpu():
+    rows = run_bench("--kernels")
+    kernels = {r["kernel"] for r in rows if r["bench"] == "kernel"}
+    assert kernels == {"engram_lookup", "moe_grouped_swiglu", "mla_decode"}
+    if not any("cuda" in str(r.get("device")) for r in rows):
+        assert all("PyTorch reference only" in r["device"] and "triton_ms" not in r
+                   for r in rows if r["bench"] == "kernel")
