@@ -24,8 +24,10 @@ def emit(**record):
 
 
 def preset_model(preset, **overrides):
-    """The model config of a train.py preset (Engram off: these benches are about the backbone)."""
-    flags = [f"--preset={preset}", "--device=cpu", "--engram=off"] + [f"--{k}={v}" for k, v in overrides.items()]
+    """The model config of a train.py preset; Engram off unless engram="on" is passed (most benches
+    here are about the backbone)."""
+    overrides = {"engram": "off", **overrides}
+    flags = [f"--preset={preset}", "--device=cpu"] + [f"--{k}={v}" for k, v in overrides.items()]
     cfg = build_config(flags).model
     cfg.vocab_size = 7000  # about the compact TinyStories vocabulary
     return cfg
@@ -72,11 +74,13 @@ def matched_dense_config(target_active, attn="mha"):
 
 def bench_train_speed(steps=20, batch_size=16, device="cpu"):
     """Training tokens/s of MHA+dense vs MLA+MoE (CPU preset backbone) at matched active parameters,
-    interleaved step by step."""
+    and of MLA+MoE with Engram (the default model), interleaved step by step."""
     moe_cfg = preset_model("cpu", attn="mla", ffn="moe")
     torch.manual_seed(0)
     contenders = {"mla+moe": GPT(moe_cfg).to(device)}
     contenders["mha+dense"] = GPT(matched_dense_config(contenders["mla+moe"].param_counts()["active"])).to(device)
+    # the default model: the same backbone plus Engram, to price the memory lookup
+    contenders["mla+moe+engram"] = GPT(preset_model("cpu", engram="on")).to(device)
     opts = {k: m.configure_optimizer(1e-3, 0.1, (0.9, 0.95), device) for k, m in contenders.items()}
     times = {k: [] for k in contenders}
     T = moe_cfg.block_size

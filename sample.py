@@ -103,18 +103,24 @@ def show_gates(model, tok, ids, png_path, out=sys.stdout):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    per_row = 40  # tokens per heatmap row, so long stories stay legible
-    n_rows = (len(pieces) + per_row - 1) // per_row
-    fig, axes = plt.subplots(n_rows, 1, figsize=(16, 0.5 + n_rows * (0.45 * len(gates) + 0.9)), squeeze=False)
+    import numpy as np
     matrix = torch.stack(list(gates.values())).numpy()  # (n_layers, T)
+    per_row = 32  # tokens per strip, so long stories stay legible
+    n_rows = (len(pieces) + per_row - 1) // per_row
+    fig, axes = plt.subplots(n_rows, 1, figsize=(16, n_rows * (1.2 * len(gates) + 0.25)), squeeze=False)
     for r, ax in enumerate(axes[:, 0]):
-        chunk = slice(r * per_row, (r + 1) * per_row)
-        im = ax.imshow(matrix[:, chunk], aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(pieces[chunk])))
-        ax.set_xticklabels([repr(p)[1:-1] for p in pieces[chunk]], rotation=70, fontsize=7)
+        strip = np.full((len(gates), per_row), np.nan)  # the last strip is padded, so cells keep one width
+        values = matrix[:, r * per_row:(r + 1) * per_row]
+        strip[:, :values.shape[1]] = values
+        im = ax.imshow(strip, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        for j, piece in enumerate(pieces[r * per_row:(r + 1) * per_row]):
+            for row in range(len(gates)):  # the token itself, written in its cell
+                ax.text(j, row, piece.strip() or repr(piece), rotation=90, ha="center", va="center", fontsize=8,
+                        color="black" if values[row, j] > 0.5 else "white")
+        ax.set_xticks([])
         ax.set_yticks(range(len(gates)))
         ax.set_yticklabels([f"block {i}" for i in gates], fontsize=8)
-    axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory used)")
+    axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory let in, dark = gated out)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=110, bbox_inches="tight")

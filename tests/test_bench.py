@@ -25,8 +25,8 @@ def test_backbone_bench_prints_cache_sizes_and_speeds():
     assert cache and all(r["mla"] == 2 * (r["kv_lora_rank"] + r["qk_rope_head_dim"]) for r in cache)
     assert all(r["mha"] == 2 * 2 * r["n_embd"] for r in cache)  # bf16 K and V of every head
     speed = {r["model"]: r for r in rows if r["bench"] == "train_tokens_per_s"}
-    assert set(speed) == {"mla+moe", "mha+dense"}
-    active = [speed[m]["params_active"] for m in speed]
+    assert set(speed) == {"mla+moe", "mha+dense", "mla+moe+engram"}
+    active = [speed[m]["params_active"] for m in ("mla+moe", "mha+dense")]
     assert abs(active[0] - active[1]) / max(active) < 0.02  # matched active parameters
 
 
