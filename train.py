@@ -266,7 +266,9 @@ def train(cfg: TrainConfig):
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
+        kernel_mode = cfg.model.kernels  # how to compute stays this command's choice
         cfg.model = GPTConfig.from_dict(saved["model"])  # the architecture comes from the checkpoint
+        cfg.model.kernels = kernel_mode
         cfg.data = DataConfig(**saved["data"])
 
     # Data: rank 0 prepares it (downloading if needed); the others wait, then read it.

@@ -18,25 +18,12 @@ import pytest
 TINYSTORIES = SHARED / "tinystories"
 
 
-def _fixture_stories(n, seed):
-    """Small TinyStories-like text for machines without ../shared."""
-    import random
-    rnd = random.Random(seed)
-    names, animals = ["Lily", "Tom", "Mia", "Ben", "Sue"], ["cat", "dog", "bird", "fish", "frog"]
-    verbs = ["played with", "found", "helped", "saw", "loved"]
-    stories = []
-    for _ in range(n):
-        who, what, verb = rnd.choice(names), rnd.choice(animals), rnd.choice(verbs)
-        stories.append(f"Once upon a time, {who} {verb} a little {what}. The {what} was happy. "
-                       f"{who} and the {what} were friends. They {rnd.choice(verbs)} a big ball.")
-    return stories
-
-
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A prepared data dir for training tests: real TinyStories text (a slice of ../shared)
     when present, else generated stories. Returns {'data_dir', 'source'}."""
     from data import DataConfig, prepare
+    from stories import make_stories
     root = tmp_path_factory.mktemp("tinydata")
     src = root / "src"
     src.mkdir()
@@ -46,7 +33,7 @@ def prepared(tmp_path_factory):
         train_stories = train_text.split("<|endoftext|>")[:600]
         valid_stories = valid_text.split("<|endoftext|>")[:100]
     else:
-        train_stories, valid_stories = _fixture_stories(600, 0), _fixture_stories(100, 1)
+        train_stories, valid_stories = make_stories(600, 0), make_stories(100, 1)
     for name, stories in (("train.txt", train_stories), ("valid.txt", valid_stories)):
         (src / name).write_text("".join(s.strip() + "\n<|endoftext|>\n" for s in stories if s.strip()), encoding="utf-8")
     data_dir = root / "data"

@@ -1,8 +1,6 @@
 """Tests for data.py: text -> tokens -> compact vocabulary -> memmaps -> batches, and the download path."""
-import gzip
 import multiprocessing.pool
 import os
-import random
 import re
 import socket
 import subprocess
@@ -23,30 +21,8 @@ from data import (DataConfig, DataError, Tokenizer, get_batch, load_or_prepare, 
                   prepare, val_starts)
 
 SHARED = REPO.parent / "shared"
-EOT = "<|endoftext|>"
+from stories import EOT, make_stories, write_stories  # noqa: E402
 VAL_ONLY = "A quokka named Zyxwv ate durian on Kilimanjaro."   # words the train stories never use
-
-
-def make_stories(n, seed):
-    rng = random.Random(seed)
-    names, things, places = ["Lily", "Tom", "Mia", "Ben"], ["ball", "red kite", "little dog", "big tree"], \
-        ["park", "garden", "beach", "forest"]
-    stories = []
-    for _ in range(n):
-        name, thing, place = rng.choice(names), rng.choice(things), rng.choice(places)
-        stories.append(f"Once upon a time, {name} went to the {place}. {name} saw a {thing} and smiled.\n"
-                       f"\"Look!\" said {name}. The café was naïve 🙂 and they were happy.")
-    return stories
-
-
-def write_stories(path, stories):
-    text = "".join(f"\n{s}\n{EOT}\n" for s in stories)   # stray blank lines are stripped away by data.py
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
