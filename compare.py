@@ -1,0 +1,590 @@
+"""The Engram experiment: does conditional memory lower the TinyStories loss, and under which budget?
+
+    python compare.py --preset=cpu                  # arms moe, moe+engram, iso-params, dense x 3 seeds (~1 h, 2 cores)
+    python compare.py --preset=gpu                  # every arm and the allocation sweep (one GPU)
+    python compare.py --arms=moe,moe+engram --seeds=1 --max_iters=50
+    python compare.py --summarize_only              # rebuild the report from the finished runs
+
+Arms differ only in how parameters are split between FFN experts and memory; the data order,
+seeds, evaluation windows and schedule are shared (seed k of every arm trains with --seed=1337+k).
+  moe                 the MLA + DeepSeekMoE baseline, no Engram
+  moe+engram          the same plus Engram: more total parameters, about the same active ones
+  iso-params          fewer routed experts + an Engram table: total AND active parameters within 2% of
+                      moe (the paper's Table 1 protocol, Engram-27B against MoE-27B)
+  dense               one dense SwiGLU FFN with moe's active parameters: the floor
+  engram-nogate, engram-2gram, engram-nocompress, engram-layer<k>: ablations of moe+engram
+
+Each arm is compared with moe twice, paired by seed: at equal steps (final loss) and at equal wall
+time (both loss-vs-seconds curves interpolated at the end time of the shorter run), since small-scale
+gains can vanish once a slower step is paid for.
+
+--allocation_sweep (the paper's U-curve in miniature) holds total and active parameters at moe's and
+moves part of the sparse budget (moe's routed expert parameters a token does not use) into Engram
+tables: E' of moe's E routed experts (top-k) leave the share (E - E') / (E - k) to Engram, so the
+shares are steps of 1/(E - k) and each --sweep_shares value is rounded to the nearest one.
+
+Every arm/seed is an ordinary train.py run directory, out_dir/<arm>/seed<k> (sample.py works on it).
+A rerun skips finished runs and resumes unfinished ones. Any other --key=value goes to every run.
+Writes out_dir/results.json (every number), results.md (the tables) and compare.png; with
+--allocation_sweep also allocation.png.
+"""
+import dataclasses
+import difflib
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import train
+from data import DataError, load_or_prepare
+from engram import head_table_sizes
+from model import GPT
+from train import ConfigError
+
+# train.py flags shared by every arm, applied on top of train.py's preset of the same name.
+PRESETS = {
+    # 12 runs (4 arms x 3 seeds) one after another in ~60 min on 2 cores: 300 iters x 16 x 128 tokens
+    # = 0.61M tokens, ~1.2 epochs of the 0.5M-token excerpt (past ~2 epochs memory tables memorise).
+    "cpu": dict(n_layer=4, n_embd=192, n_head=6, block_size=128, batch_size=16, max_iters=300,
+                eval_interval=25, eval_iters=10, warmup_iters=30, bias_update_speed=1e-2, moe_inter_dim=96,
+                n_routed_experts=8, n_activated_experts=2, n_shared_experts=1),
+    # train.py's gpu backbone (8 x 512, 16 experts) on fewer tokens: 400 x 64 x 512 = 13M tokens per run,
+    # sized by estimate (not yet timed) for ~40 runs in ~30 min; needs the full TinyStories (the hub
+    # download), not the 0.5M-token excerpt. A narrower Engram projection keeps iso-params' active
+    # parameters within 2% of moe's (W_K and W_V are active matmul parameters).
+    "gpu": dict(max_iters=400, eval_interval=50, eval_iters=20, batch_size=64, block_size=512, warmup_iters=40,
+                engram_dim_per_order=128),
+}
+DEFAULT_ARMS = {
+    "cpu": "moe,moe+engram,iso-params,dense",
+    "gpu": "moe,moe+engram,iso-params,dense,engram-nogate,engram-2gram,engram-nocompress,engram-layer4",
+}
+ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_orders": "2"},
+             "engram-nocompress": {"engram_compress": "false"}}
+ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, "engram-layer<k>"]
+TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+@dataclass
+class CompareConfig:
+    out_dir: str = "out-compare"
+    preset: str = ""                  # 'cpu' | 'gpu'; '' = chosen by device
+    device: str = "auto"              # passed to every run
+    arms: str = ""                    # comma list; '' = the preset's
+    seeds: int = 3                    # runs per arm; seed k trains with --seed=seed+k
+    seed: int = 1337
+    iso_share: float = 0.3            # iso-params: share of moe's sparse budget moved into the Engram table
+    allocation_sweep: bool = False    # on by default in the gpu preset
+    sweep_shares: str = "0,0.17,0.33,0.5,0.67,0.83"
+    summarize_only: bool = False      # no training: report on the finished runs that exist
+
+
+class RunFailed(Exception):
+    """A train.py run exited with an error; its own output says why."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    """-> (CompareConfig, {train flag: value} passed through to every run)."""
+    flags = train.parse_flags(argv)
+    cfg, own = CompareConfig(), {f.name: type(f.default) for f in dataclasses.fields(CompareConfig)}
+    given = [k for k in flags if k in own]
+    for key in given:
+        setattr(cfg, key, train.parse_value(key, flags.pop(key), own[key]))
+    known = set(train.flat_fields(train.TrainConfig())) | {"engram"}  # --engram=on|off is train.py shorthand
+    for key in flags:
+        if key == "resume":
+            raise ConfigError("--resume: compare.py resumes unfinished runs by itself; just rerun it")
+        if key not in known:  # fail now, not after an hour of training the first arms
+            near = difflib.get_close_matches(key, known | set(own), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""
+            raise ConfigError(f"unknown flag --{key}{hint}")
+    device = train.default_device() if cfg.device == "auto" else cfg.device
+    cfg.preset = cfg.preset or ("gpu" if device.startswith("cuda") else "cpu")
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+    cfg.arms = cfg.arms or DEFAULT_ARMS[cfg.preset]
+    if cfg.preset == "gpu" and "allocation_sweep" not in given:
+        cfg.allocation_sweep = True  # the gpu preset runs the sweep unless told not to
+    for arm in arm_list(cfg):
+        if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm):
+            raise ConfigError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
+    if cfg.seeds < 1:
+        raise ConfigError(f"--seeds={cfg.seeds}: must be at least 1")
+    sweep_shares(cfg)  # a malformed list fails here too
+    return cfg, flags
+
+
+def arm_list(cfg):
+    return list(dict.fromkeys(a for a in cfg.arms.replace(" ", "").split(",") if a))  # in order, each once
+
+
+def sweep_shares(cfg):
+    try:
+        return [float(s) for s in cfg.sweep_shares.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--sweep_shares={cfg.sweep_shares}: expected comma-separated numbers") from None
+
+
+def to_argv(flags):
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def resolve(flags):
+    """The TrainConfig a run with these flags gets (train.py's own defaults, presets and checks)."""
+    return train.build_config(to_argv(flags))
+
+
+# ----------------------------------------------------------------------------- parameter budgets
+
+def count_params(flags, vocab_size):
+    """{'total', 'active', 'engram_tables'} of the model these flags build (GPT.param_counts)."""
+    model_cfg = resolve(flags).model
+    model_cfg.vocab_size = vocab_size
+    return GPT(model_cfg).param_counts()
+
+
+def relative_gap(a, b):
+    return (a - b) / b
+
+
+def check_match(name, counts, target, kinds=("total", "active"), hint=""):
+    """Raise unless these parameter counts are within TOLERANCE of the target's."""
+    for kind in kinds:
+        gap = relative_gap(counts[kind], target[kind])
+        if abs(gap) > TOLERANCE:
+            raise ConfigError(f"{name}: {kind} params {counts[kind]:,} differ from moe's {target[kind]:,} by "
+                              f"{100 * gap:+.1f}% (more than {100 * TOLERANCE:.0f}%){hint}")
+
+
+def table_params(engram_cfg, rows_per_head):
+    """Engram table size for a rows_per_head, from the same deterministic primes the model uses."""
+    cfg = dataclasses.replace(engram_cfg, engram_rows_per_head=rows_per_head)
+    head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
+    return head_dim * sum(sum(layer) for layer in head_table_sizes(cfg))
+
+
+def routed_experts(flags):
+    """(E, k): routed experts and how many of them each token uses."""
+    moe_cfg = resolve(flags).model.moe
+    return moe_cfg.n_routed_experts, moe_cfg.n_activated_experts
+
+
+def experts_for_share(share, n_experts, top_k):
+    """Routed experts E' that give the Engram table `share` of the sparse budget: shares are steps of 1/(E-k)."""
+    return min(n_experts, max(top_k + 1, n_experts - round(share * (n_experts - top_k))))
+
+
+def memory_swap_flags(base, n_experts, vocab_size, moe_counts):
+    """moe with n_experts routed experts, and an Engram table holding the parameters the dropped
+    experts held, so total params stay moe's. Each head's table is the next distinct prime >= rows,
+    so the table grows monotonically with rows: bisect for the best rows_per_head, then verify."""
+    flags = {**base, "engram": "on", "n_routed_experts": str(n_experts)}
+    without_table = count_params(flags, vocab_size)
+    budget = moe_counts["total"] - (without_table["total"] - without_table["engram_tables"])
+    engram_cfg = resolve(flags).model.engram
+    if budget <= table_params(engram_cfg, 2):
+        raise ConfigError(f"{n_experts} routed experts free no room for an Engram table; use fewer")
+    lo, hi = 2, budget // (engram_cfg.engram_dim_per_order // engram_cfg.engram_heads_per_order) + 1
+    while hi - lo > 1:  # invariant: table(lo) <= budget < table(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if table_params(engram_cfg, mid) <= budget else (lo, mid)
+    closer_hi = table_params(engram_cfg, hi) - budget < budget - table_params(engram_cfg, lo)
+    flags["engram_rows_per_head"] = str(hi if closer_hi else lo)
+    counts = count_params(flags, vocab_size)
+    check_match(f"{n_experts} routed experts + Engram", counts, moe_counts,
+                hint="; Engram's W_K and W_V count as active: try a smaller --engram_dim_per_order")
+    return flags, counts
+
+
+def dense_flags(base, vocab_size, moe_counts):
+    """A dense SwiGLU FFN whose width gives moe's active params: active grows linearly in ffn_hidden
+    (3 * n_embd per unit per layer), so two probes give the line and one solve gives the width."""
+    flags = {**base, "engram": "off", "ffn": "dense"}
+    a64 = count_params({**flags, "ffn_hidden": "64"}, vocab_size)["active"]
+    a128 = count_params({**flags, "ffn_hidden": "128"}, vocab_size)["active"]
+    hidden = round(64 + (moe_counts["active"] - a64) * 64 / (a128 - a64))
+    if hidden < 1:
+        raise ConfigError("dense: the rest of the model alone has more active params than moe")
+    flags["ffn_hidden"] = str(hidden)
+    counts = count_params(flags, vocab_size)
+    check_match("dense", counts, moe_counts, kinds=("active",))
+    return flags, counts
+
+
+def arm_flags(arm, base, vocab_size, moe_counts, cfg):
+    """The train.py flags (on top of base) that define an arm, and its parameter counts."""
+    flags = {**base, "engram": "on"}
+    if arm == "moe":
+        flags["engram"] = "off"
+    elif arm == "iso-params":
+        E, k = routed_experts(base)
+        if E - 1 <= k:
+            raise ConfigError(f"iso-params needs n_routed_experts >= n_activated_experts + 2 (got {E}, {k})")
+        n_experts = min(E - 1, experts_for_share(cfg.iso_share, E, k))  # at least one expert gives way
+        return memory_swap_flags(base, n_experts, vocab_size, moe_counts)
+    elif arm == "dense":
+        return dense_flags(base, vocab_size, moe_counts)
+    elif arm in ABLATIONS:
+        flags.update(ABLATIONS[arm])
+    elif arm.startswith("engram-layer"):
+        flags["engram_layers"] = arm[len("engram-layer"):]
+    return flags, count_params(flags, vocab_size)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class Group:
+    """One arm or one sweep point: its flags, its counts, and the folder holding its seeds' runs."""
+    name: str
+    flags: dict
+    params: dict
+    dir: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def plan(cfg, base, vocab_size):
+    """Arms and sweep points. Groups with identical flags share one folder, so e.g. the sweep's share-0
+    point reuses the moe runs instead of training them twice."""
+    moe_flags, moe_counts = arm_flags("moe", base, vocab_size, None, cfg)
+    folder_of = {}
+
+    def group(name, flags, params, folder, **extra):
+        key = tuple(sorted(flags.items()))
+        return Group(name, flags, params, folder_of.setdefault(key, os.path.join(cfg.out_dir, folder)), extra)
+
+    # moe first, whatever the order given: it is the reference every other arm is measured against
+    arms = [group("moe", moe_flags, moe_counts, "moe")] if "moe" in arm_list(cfg) else []
+    for arm in arm_list(cfg):
+        if arm != "moe":
+            arms.append(group(arm, *arm_flags(arm, base, vocab_size, moe_counts, cfg), arm))
+    sweep = []
+    if cfg.allocation_sweep:
+        E, k = routed_experts(base)
+        for n_experts in sorted({experts_for_share(s, E, k) for s in sweep_shares(cfg)}, reverse=True):
+            share = (E - n_experts) / (E - k)
+            flags, counts = (moe_flags, moe_counts) if n_experts == E else \
+                memory_swap_flags(base, n_experts, vocab_size, moe_counts)
+            sparse = moe_counts["total"] - moe_counts["active"]
+            sweep.append(group(f"share{share:.2f}", flags, counts, os.path.join("sweep", f"share{share:.2f}"),
+                               share=share, n_routed_experts=n_experts,
+                               table_share=counts["engram_tables"] / sparse))
+    for g in arms + sweep:
+        describe(g, base, moe_counts)
+    return arms, sweep, moe_counts
+
+
+def describe(g, base, moe_counts):
+    """One line per arm: its parameter counts against moe's, and the flags that make it differ."""
+    counts = [f"{kind} {g.params[kind] / 1e6:6.2f}M ({100 * relative_gap(g.params[kind], moe_counts[kind]):+5.1f}%)"
+              for kind in ("total", "active")]
+    own = {k: v for k, v in g.flags.items() if base.get(k) != v}
+    print(f"{g.name:<18} {'  '.join(counts)}  tables {g.params['engram_tables'] / 1e6:5.2f}M  {' '.join(to_argv(own))}")
+
+
+# ----------------------------------------------------------------------------- running
+
+def read_log(run_dir):
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_state(run_dir, flags, vocab_size):
+    """'done', 'resume' or 'fresh'. A folder holding a different model is an error, not a silent resume."""
+    if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        return "fresh"
+    cfg = resolve(flags)
+    cfg.model.vocab_size = vocab_size
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    if saved["model"] != json.loads(json.dumps(dataclasses.asdict(cfg.model))) or saved["seed"] != cfg.seed:
+        raise ConfigError(f"{run_dir} holds a run of another configuration; delete it or pick another --out_dir")
+    log = read_log(run_dir)
+    return "done" if log and log[-1]["iter"] >= cfg.max_iters else "resume"
+
+
+def seed_run(g, k, cfg):
+    """Run dir and flags of seed k: every arm trains seed k with the same seed, so the same batches."""
+    run_dir = os.path.join(g.dir, f"seed{k}")
+    return run_dir, {**g.flags, "out_dir": run_dir, "seed": str(cfg.seed + k)}
+
+
+def runs_of(groups, cfg):
+    """(label, run dir, run flags) for every group and seed, each folder once."""
+    runs, seen = [], set()
+    for g in groups:
+        for k in range(cfg.seeds):
+            run_dir, flags = seed_run(g, k, cfg)
+            if run_dir not in seen:
+                seen.add(run_dir)
+                runs.append((f"arm={g.name} seed={k}", run_dir, flags))
+    return runs
+
+
+def clock(seconds):
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m"
+
+
+def train_all(runs, vocab_size):
+    """Run train.py once per arm/seed, one after another (they would only fight over the cores)."""
+    t0, durations = time.time(), []
+    states = [run_state(run_dir, flags, vocab_size) for _, run_dir, flags in runs]
+    left = states.count("fresh") + states.count("resume")
+    for i, ((label, run_dir, flags), state) in enumerate(zip(runs, states), 1):
+        if state == "done":
+            print(f"[{i}/{len(runs)}] {label} | finished, skipped", flush=True)
+            continue
+        eta = f"~{clock(np.mean(durations) * left)} left" if durations else "time left known after the first run"
+        print(f"[{i}/{len(runs)}] {label} | elapsed {clock(time.time() - t0)} | {eta}", flush=True)
+        argv = to_argv(flags)
+        if state == "resume":
+            argv.append("--resume")
+        elif os.path.exists(os.path.join(run_dir, "log.jsonl")):
+            os.remove(os.path.join(run_dir, "log.jsonl"))  # a start without checkpoint: train.py would append to it
+        start, child = time.time(), subprocess.Popen([sys.executable, TRAIN_PY, *argv])
+        try:
+            returncode = child.wait()
+        except KeyboardInterrupt:
+            child.wait()  # the run got the same Ctrl-C and is saving its checkpoint: let it finish
+            raise
+        if returncode != 0:
+            raise RunFailed(f"train.py failed for {label} in {run_dir} (its output is above); rerun to resume")
+        durations.append(time.time() - start)
+        left -= 1
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def loss_at_time(curve, seconds):
+    """Validation loss at `seconds` of wall time, linear between evaluations (iter 0 sits at 0 s)."""
+    return float(np.interp(seconds, curve["elapsed_s"], curve["val_loss"]))
+
+
+def equal_time_difference(curve, baseline):
+    """Loss difference at the wall time both runs reached: t* = the earlier of their two end times."""
+    t = min(curve["elapsed_s"][-1], baseline["elapsed_s"][-1])
+    return loss_at_time(curve, t) - loss_at_time(baseline, t)
+
+
+def summarize_group(g, cfg, vocab_size):
+    """Per-seed numbers of a group's finished runs, and their means."""
+    seeds = {}
+    for k in range(cfg.seeds):
+        run_dir, flags = seed_run(g, k, cfg)
+        if run_state(run_dir, flags, vocab_size) != "done":
+            continue  # unfinished runs would compare different step counts
+        log = read_log(run_dir)
+        curve = {key: [r[key] for r in log] for key in ("iter", "tokens", "elapsed_s", "val_loss")}
+        seeds[str(cfg.seed + k)] = {"dir": run_dir, "final_val_loss": log[-1]["val_loss"], "tokens": log[-1]["tokens"],
+                                    "tok_per_s": float(np.mean([r["tok_per_s"] for r in log if r["iter"] > 0])),
+                                    "wall_s": log[-1]["elapsed_s"], "curve": curve}
+    out = {"dir": g.dir, "flags": g.flags, "params": g.params, **g.extra, "seeds": seeds}
+    if seeds:
+        out["final_val_loss"] = dict(zip(("mean", "std"), mean_std([s["final_val_loss"] for s in seeds.values()])))
+        out["tok_per_s"] = float(np.mean([s["tok_per_s"] for s in seeds.values()]))
+        out["wall_s"] = float(np.mean([s["wall_s"] for s in seeds.values()]))
+    return out
+
+
+def versus_moe(arm, moe):
+    """Paired by seed (same data order and init stream): differences to moe at equal steps and equal time."""
+    common = [s for s in arm["seeds"] if s in moe["seeds"]]
+    if not common:
+        return None
+    steps = [arm["seeds"][s]["final_val_loss"] - moe["seeds"][s]["final_val_loss"] for s in common]
+    times = [equal_time_difference(arm["seeds"][s]["curve"], moe["seeds"][s]["curve"]) for s in common]
+    return {"equal_steps": paired_stat(steps, common), "equal_time": paired_stat(times, common)}
+
+
+def paired_stat(differences, seeds):
+    mean, std = mean_std(differences)
+    return {"mean": mean, "std": std, "per_seed": dict(zip(seeds, differences))}
+
+
+def engram_verdict(arms):
+    """The issue's test: moe+engram below moe at equal steps by more than twice the larger seed std."""
+    moe, eng = arms.get("moe", {}), arms.get("moe+engram", {})
+    if "final_val_loss" not in moe or "final_val_loss" not in eng:
+        return None
+    gap = moe["final_val_loss"]["mean"] - eng["final_val_loss"]["mean"]
+    bar = 2 * max(moe["final_val_loss"]["std"], eng["final_val_loss"]["std"])
+    return {"moe_minus_engram": gap, "two_max_std": bar, "passed": gap > bar, "n_seeds": len(eng["seeds"])}
+
+
+def hardware(cfg):
+    device = train.default_device() if cfg.device == "auto" else cfg.device
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def fmt_stat(stat, digits=4):
+    return "—" if stat is None else f"{stat['mean']:+.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def params_cells(g):
+    return f"{g['params']['total'] / 1e6:.2f}M", f"{g['params']['active'] / 1e6:.2f}M"
+
+
+def loss_cells(g):
+    if "final_val_loss" not in g:
+        return "no finished run", "—"
+    per_seed = " / ".join(f"{s['final_val_loss']:.4f}" for s in g["seeds"].values())
+    return f"{g['final_val_loss']['mean']:.4f} ± {g['final_val_loss']['std']:.4f}", per_seed
+
+
+def write_markdown(results, path):
+    lines = ["| arm | total params | active params | val loss (mean ± std) | per seed | Δ vs moe, equal steps "
+             "| Δ vs moe, equal wall time | tok/s | wall time |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, a in results["arms"].items():
+        vs = a.get("vs_moe") or {}
+        speed = (f"{a['tok_per_s']:,.0f}", clock(a["wall_s"])) if a["seeds"] else ("—", "—")
+        deltas = fmt_stat(vs.get("equal_steps")), fmt_stat(vs.get("equal_time"))
+        lines.append("| " + " | ".join([name, *params_cells(a), *loss_cells(a), *deltas, *speed]) + " |")
+    verdict = results["engram_verdict"]
+    if verdict:
+        lines += ["", f"moe+engram is {'' if verdict['passed'] else 'NOT '}below moe at equal steps by more than twice "
+                      f"the larger seed std: moe − moe+engram = {verdict['moe_minus_engram']:+.4f}, "
+                      f"2 × max std = {verdict['two_max_std']:.4f} ({verdict['n_seeds']} seed(s))."]
+    if results["sweep"]:
+        lines += ["", "Allocation sweep (total and active params held at moe's):", "",
+                  "| share to Engram | routed experts | table / sparse budget | total params | active params "
+                  "| val loss (mean ± std) | per seed |", "|---|---|---|---|---|---|---|"]
+        for p in results["sweep"]:
+            cells = [f"{p['share']:.2f}", str(p["n_routed_experts"]), f"{p['table_share']:.2f}", *params_cells(p),
+                     *loss_cells(p)]
+            lines.append("| " + " | ".join(cells) + " |")
+    hw = results["hardware"]
+    lines += ["", f"Command: `{results['command']}` · {results['date']} · {hw['platform']}, {hw['cpu_count']} CPUs, "
+                  f"torch {hw['torch']}{', ' + hw['gpu'] if hw['gpu'] else ''} · epochs per run: "
+                  + (f"{results['epochs']:.2f}" if results["epochs"] else "—")
+                  + f" ({results['train_tokens']:,} train tokens)"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(results, path):
+    """Validation loss against tokens and against seconds: the mean over seeds, a band from min to max."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    lows, tops = [], []
+    for name, a in results["arms"].items():
+        curves = [s["curve"] for s in a["seeds"].values()]
+        if not curves:
+            continue
+        # iter 0 (the untrained loss, ~ln vocab) is left out: it would flatten every difference that matters
+        n = min(len(c["iter"]) for c in curves)  # same schedule, so the same eval iters (unless one was extended)
+        loss = np.array([c["val_loss"][1:n] for c in curves])  # (seeds, evals)
+        tokens = np.array(curves[0]["tokens"][1:n])
+        seconds = np.mean([c["elapsed_s"][1:n] for c in curves], axis=0)  # each seed's timing differs a little
+        for ax, x in zip(axes, (tokens, seconds)):
+            line, = ax.plot(x, loss.mean(0), label=name)
+            ax.fill_between(x, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.2)
+        lows.append(loss.min())
+        tops.append(loss.mean(0)[len(tokens) // 4])  # the first quarter of training is far above the rest
+    if lows and max(tops) > min(lows):
+        pad = 0.03 * (max(tops) - min(lows))
+        axes[0].set_ylim(min(lows) - pad, max(tops) + pad)
+    axes[0].set_xlabel("training tokens")
+    axes[1].set_xlabel("wall-clock seconds")
+    axes[0].set_ylabel("validation loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if lows:
+            ax.legend()
+    fig.suptitle("Engram vs MoE on TinyStories: validation loss (line = mean over seeds, band = min..max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_allocation(results, path):
+    """Final validation loss against the share of the sparse budget given to Engram (the paper's U-curve)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = [p for p in results["sweep"] if "final_val_loss" in p]
+    for p in points:
+        ax.scatter([p["table_share"]] * len(p["seeds"]), [s["final_val_loss"] for s in p["seeds"].values()],
+                   color="gray", s=12, alpha=0.6)
+    ax.errorbar([p["table_share"] for p in points], [p["final_val_loss"]["mean"] for p in points],
+                yerr=[p["final_val_loss"]["std"] for p in points], marker="o", capsize=4,
+                label="mean ± std over seeds")
+    ax.set_xlabel("share of the sparse parameter budget held by Engram tables")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Allocation sweep at fixed total and active parameters")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(cfg, argv, arms, sweep, meta):
+    """Collect every number into results.json, then write results.md and the plots from it."""
+    vocab_size = meta["vocab_size"]
+    arm_results = {g.name: summarize_group(g, cfg, vocab_size) for g in arms}
+    if "moe" in arm_results:
+        for name, a in arm_results.items():
+            if name != "moe":
+                a["vs_moe"] = versus_moe(a, arm_results["moe"])
+    finals = [s["tokens"] for a in arm_results.values() for s in a["seeds"].values()]
+    results = {"command": " ".join(["python compare.py", *map(shlex.quote, argv)]),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(cfg), "preset": cfg.preset,
+               "train_tokens": meta["train_tokens"], "epochs": max(finals) / meta["train_tokens"] if finals else None,
+               "arms": arm_results, "engram_verdict": engram_verdict(arm_results),
+               "sweep": [summarize_group(g, cfg, vocab_size) for g in sweep]}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_markdown(results, os.path.join(cfg.out_dir, "results.md"))
+    plot_curves(results, os.path.join(cfg.out_dir, "compare.png"))
+    if results["sweep"]:
+        plot_allocation(results, os.path.join(cfg.out_dir, "allocation.png"))
+    with open(os.path.join(cfg.out_dir, "results.md")) as f:
+        print(f.read())
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, passthrough = parse_args(argv)
+        # every run: train.py's preset, then this file's preset on top, then the user's flags
+        base = {"preset": cfg.preset, "device": cfg.device, **{k: str(v) for k, v in PRESETS[cfg.preset].items()},
+                **passthrough}
+        meta = load_or_prepare(resolve(base).data)  # once here, so the runs reuse it; the vocab sizes the models
+        arms, sweep, _ = plan(cfg, base, meta["vocab_size"])
+        if not cfg.summarize_only:
+            train_all(runs_of(arms + sweep, cfg), meta["vocab_size"])
+        report(cfg, argv, arms, sweep, meta)
+    except (ConfigError, DataError, RunFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, RunFailed) else 2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
