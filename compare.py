@@ -74,6 +74,8 @@ ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_
              "engram-nocompress": {"engram_compress": "false"}}
 ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, "engram-layer<k>"]
 TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
+# flags that define the model (not how it is computed): a resumed run takes them from its checkpoint
+MODEL_FLAGS = (set(train.flat_fields(train.GPTConfig())) - {"kernels"}) | {"engram", "preset"}
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
@@ -312,9 +314,15 @@ def run_state(run_dir, flags, vocab_size):
         return "fresh"
     cfg = resolve(flags)
     cfg.model.vocab_size = vocab_size
-    with open(os.path.join(run_dir, "config.json")) as f:
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"{run_dir} has a checkpoint but no config.json; delete the folder to retrain it")
+    with open(config_path) as f:
         saved = json.load(f)
-    if saved["model"] != json.loads(json.dumps(dataclasses.asdict(cfg.model))) or saved["seed"] != cfg.seed:
+    model = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
+    same_model = {k: v for k, v in saved["model"].items() if k != "kernels"} == \
+        {k: v for k, v in model.items() if k != "kernels"}  # kernels: how to compute, not what
+    if not same_model or saved["seed"] != cfg.seed:
         raise ConfigError(f"{run_dir} holds a run of another configuration; delete it or pick another --out_dir")
     log = read_log(run_dir)
     return "done" if log and log[-1]["iter"] >= cfg.max_iters else "resume"
@@ -354,10 +362,8 @@ def train_all(runs, vocab_size):
         eta = f"~{clock(np.mean(durations) * left)} left" if durations else "time left known after the first run"
         print(f"[{i}/{len(runs)}] {label} | elapsed {clock(time.time() - t0)} | {eta}", flush=True)
         argv = to_argv(flags)
-        if state == "resume":
-            argv.append("--resume")
-        elif os.path.exists(os.path.join(run_dir, "log.jsonl")):
-            os.remove(os.path.join(run_dir, "log.jsonl"))  # a start without checkpoint: train.py would append to it
+        if state == "resume":  # the model comes from the run's checkpoint; only how it trains is passed on
+            argv = to_argv({k: v for k, v in flags.items() if k not in MODEL_FLAGS}) + ["--resume"]
         start, child = time.time(), subprocess.Popen([sys.executable, TRAIN_PY, *argv])
         try:
             returncode = child.wait()

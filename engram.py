@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 
 @dataclass
-class EngramConfig:  # field names are prefixed so that flat CLI flags are unique across configs
+class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags are unique across configs
     engram_layers: tuple[int, ...] = (1,)       # blocks that hold an Engram module
     ngram_orders: tuple[int, ...] = (2, 3)      # N of the suffix N-grams that are hashed
     engram_heads_per_order: int = 4             # K hash heads per order
@@ -38,6 +38,16 @@ class EngramConfig:  # field names are prefixed so that flat CLI flags are uniqu
     engram_seed: int = 0                        # seeds the hash multipliers
     engram_lr_mult: float = 5.0                 # tables: Adam lr x 5 (paper's setting)
     engram_weight_decay: float = 0.0            # tables: no weight decay (paper's setting)
+
+    def __post_init__(self):
+        orders = self.ngram_orders
+        if not orders or min(orders) < 1 or len(set(orders)) != len(orders):
+            raise ValueError(f"ngram_orders={','.join(map(str, orders))} must be distinct orders >= 1, e.g. 2,3")
+        if self.engram_heads_per_order < 1 or self.engram_dim_per_order % self.engram_heads_per_order:
+            raise ValueError(f"engram_dim_per_order={self.engram_dim_per_order} must split evenly into "
+                             f"engram_heads_per_order={self.engram_heads_per_order} heads")
+        if self.engram_rows_per_head < 2 or self.engram_kernel_size < 1:
+            raise ValueError("engram_rows_per_head must be >= 2 and engram_kernel_size >= 1")
 
 
 # -----------------------------------------------------------------------------

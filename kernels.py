@@ -492,6 +492,11 @@ def moe_grouped_swiglu(x_sorted, counts, w1, w3, w2, mode="auto"):
         return moe.grouped_swiglu(x_sorted, counts, w1, w3, w2)
     assert counts.numel() == w1.shape[0] == w3.shape[0] == w2.shape[0], "one count per expert"
     assert counts.device == x_sorted.device, "counts must be on the rows' device (no host sync)"
+    if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
+        # autocast does not reach custom kernels: cast as it would for a matmul, so that the grouped
+        # GEMMs run on bf16 tensor cores like the reference does under autocast
+        dtype = torch.get_autocast_dtype("cuda")
+        x_sorted, w1, w3, w2 = (t.to(dtype) for t in (x_sorted, w1, w3, w2))
     x_sorted, w1, w3, w2 = (t.contiguous() for t in (x_sorted, w1, w3, w2))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_sorted, w1, w3, w2)):
         return _GroupedSwiGLU.apply(x_sorted, counts, w1, w3, w2)

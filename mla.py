@@ -55,6 +55,15 @@ class MLAConfig:
     qk_rope_head_dim: int = 16    # d_h^R, decoupled rotary key shared by all heads
     v_head_dim: int = 32
 
+    def __post_init__(self):
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim < 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 2 (RoPE rotates pairs)")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank={self.q_lora_rank} must be >= 0 (0 = plain query projection)")
+
 
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE (DeepSeek-V2 eqs. 9-19).
@@ -122,12 +131,12 @@ class MLA(nn.Module):
 
         if cache is None or len(cache) == 0:
             if cache is not None:  # prefill: start the cache with only the compressed state
-                cache["kv_latent"] = kv_latent
+                cache["kv_latent"] = kv_latent.to(k_rope.dtype)  # one dtype for the cache (autocast)
                 cache["k_rope"] = k_rope
             y = self._attend_materialised(q_nope, q_rope, kv_latent, k_rope)
         else:
             assert cache["kv_latent"].size(1) == start_pos, "start_pos must equal the number of cached tokens"
-            cache["kv_latent"] = torch.cat([cache["kv_latent"], kv_latent], dim=1)  # (B, S, d_c)
+            cache["kv_latent"] = torch.cat([cache["kv_latent"], kv_latent.to(k_rope.dtype)], dim=1)  # (B, S, d_c)
             cache["k_rope"] = torch.cat([cache["k_rope"], k_rope], dim=1)  # (B, S, d_h^R)
             y = self._attend_absorbed(q_nope, q_rope, cache["kv_latent"], cache["k_rope"], start_pos)
         return self.wo(y.flatten(2))  # (B, T, H * d_v) -> (B, T, dim)
@@ -164,8 +173,9 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c)
         if T == 1 and kernels.use_triton(self.kernel_mode, q_latent.device):
             # one new token: the FlashMLA-style split-KV kernel computes the same softmax(...) @ c
-            y_latent = kernels.mla_decode_attention(q_latent[:, 0], q_rope[:, 0], kv_latent, k_rope,
-                                                    self.softmax_scale, self.kernel_mode)[:, None]  # (B, 1, H, d_c)
+            dtype = kv_latent.dtype  # the kernel takes one dtype: the cache's
+            y_latent = kernels.mla_decode_attention(q_latent[:, 0].to(dtype), q_rope[:, 0].to(dtype), kv_latent,
+                                                    k_rope, self.softmax_scale, self.kernel_mode)[:, None]  # (B, 1, H, d_c)
             return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)
         scores = torch.einsum("bthc,bsc->bhts", q_latent, kv_latent)  # (B, H, T, S)
         scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)

@@ -50,6 +50,8 @@ class GPTConfig:
             raise ValueError(f"kernels must be one of {', '.join(kernels.KERNEL_MODES)}, got {self.kernels!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        # one order everywhere: Engram slot k is the k-th Engram block from the bottom
+        self.engram.engram_layers = tuple(sorted(set(self.engram.engram_layers)))
         bad = [i for i in self.engram.engram_layers if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"engram_layers {bad} are outside 0..{self.n_layer - 1} (n_layer={self.n_layer})")
@@ -204,8 +206,10 @@ class GPT(nn.Module):
             cache.pos += T
             if self.engram_hasher is not None:
                 keep = max(self.cfg.engram.ngram_orders) - 1
-                tail = idx if cache.engram_prefix is None else torch.cat([cache.engram_prefix, idx], dim=1)
-                cache.engram_prefix = tail[:, -keep:] if keep > 0 else tail[:, :0]
+                # -1 marks "before the sequence" (Engram reads it as its pad id), so the prefix
+                # always holds keep columns, even after a one-token prompt
+                prev = idx.new_full((B, keep), -1) if cache.engram_prefix is None else cache.engram_prefix
+                cache.engram_prefix = torch.cat([prev, idx], dim=1)[:, idx.size(1):]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -49,6 +49,21 @@ class MoEConfig:
     bias_update_speed: float = 1e-3   # gamma of aux-loss-free balancing; 0 = off
     aux_loss_alpha: float = 0.0       # sequence-wise auxiliary loss weight
 
+    def __post_init__(self):
+        E, k, groups = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func={self.score_func!r}: expected 'sigmoid' or 'softmax'")
+        if not 1 <= k <= E:
+            raise ValueError(f"n_activated_experts={k} must be between 1 and n_routed_experts={E}")
+        if groups < 1 or E % groups:
+            raise ValueError(f"n_routed_experts={E} must divide into n_expert_groups={groups}")
+        if not 1 <= self.n_limited_groups <= groups:
+            raise ValueError(f"n_limited_groups={self.n_limited_groups} must be between 1 and n_expert_groups={groups}")
+        if k > self.n_limited_groups * (E // groups):
+            raise ValueError(f"top-{k} routing needs at least {k} experts in the {self.n_limited_groups} kept groups")
+        if self.moe_inter_dim < 1 or self.n_shared_experts < 0 or self.n_dense_layers < 0:
+            raise ValueError("moe_inter_dim must be >= 1, n_shared_experts and n_dense_layers >= 0")
+
 
 # -----------------------------------------------------------------------------
 # routing

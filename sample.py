@@ -37,13 +37,18 @@ class SampleConfig:
 
 def load_model(out_dir, device, kernel_mode="auto"):
     """The trained GPT and its tokenizer from out_dir/ckpt.pt."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device="cpu")
-    model_cfg = GPTConfig.from_dict(ckpt["config"]["model"])
-    model_cfg.kernels = kernel_mode  # how to compute is the sampler's choice, not the checkpoint's
-    model = GPT(model_cfg)
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    return model, Tokenizer.from_meta(ckpt["meta"])
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, device="cpu")
+    try:
+        model_cfg = GPTConfig.from_dict(ckpt["config"]["model"])
+        model_cfg.kernels = kernel_mode  # how to compute is the sampler's choice, not the checkpoint's
+        model = GPT(model_cfg)
+        model.load_state_dict(ckpt["model"])
+        tok = Tokenizer.from_meta(ckpt["meta"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # written by another version of the code?
+        raise ConfigError(f"checkpoint {path} does not fit this code ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}); retrain it") from None
+    return model.to(device).eval(), tok
 
 
 def read_prompt(start):

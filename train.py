@@ -15,8 +15,10 @@ import difflib
 import json
 import math
 import os
+import signal
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 import kernels
 from data import DataConfig, DataError, Tokenizer, batch_at, get_batch, load_or_prepare, load_tokens, val_starts
+from engram import EngramConfig
 from model import GPT, GPTConfig
 
 
@@ -57,12 +60,13 @@ class TrainConfig:
 
 # Presets are plain overrides, applied before the command line's.
 PRESETS = {
-    # About 10 minutes on 2 CPU cores: ~0.8M tokens, 1.6 epochs of the 0.5M-token excerpt in
+    # About 6 minutes on 2 CPU cores: ~0.8M tokens, 1.6 epochs of the 0.5M-token excerpt in
     # ../shared (past ~2 epochs the validation loss turns up). Short runs need the router bias
-    # to adapt faster than DeepSeek-V3's 1e-3 per step, hence bias_update_speed.
+    # to adapt faster than DeepSeek-V3's 1e-3 per step, hence bias_update_speed. Downloads only
+    # the first 64 MB of the training split: far more than 0.8M tokens, far less than 1.9 GB.
     "cpu": dict(max_iters=400, eval_interval=50, eval_iters=10, batch_size=16, block_size=128,
                 n_layer=6, n_head=8, n_embd=256, learning_rate=3e-3, min_lr=3e-4, warmup_iters=40,
-                bias_update_speed=1e-2),
+                bias_update_speed=1e-2, max_train_mb=64.0),
     # A single modern GPU: a ~50M-parameter model on ~330M tokens (TinyStories has ~470M).
     "gpu": dict(max_iters=5000, eval_interval=250, eval_iters=40, batch_size=128, block_size=512,
                 n_layer=8, n_head=8, n_embd=512, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
@@ -79,7 +83,7 @@ class ConfigError(Exception):
 # ----------------------------------------------------------------------------- command line
 
 def flat_fields(cfg):
-    """{field name: (dataclass instance owning it, its default type)} across nested configs.
+    """{field name: (dataclass instance owning it, its declared type)} across nested configs.
     Sub-config names are unique, so the command line can stay flat (--kv_lora_rank=64)."""
     out = {}
     for f in dataclasses.fields(cfg):
@@ -87,7 +91,7 @@ def flat_fields(cfg):
         if dataclasses.is_dataclass(value):
             out.update(flat_fields(value))
         else:
-            out[f.name] = (cfg, type(value))
+            out[f.name] = (cfg, typing.get_origin(f.type) or f.type)  # tuple[int, ...] -> tuple
     return out
 
 
@@ -146,35 +150,59 @@ def default_device():
 
 
 def build_config(argv):
-    """Defaults <- preset (chosen by device unless given) <- command line."""
+    """Defaults <- preset (chosen by device unless given) <- command line.
+    With --resume: the run's saved config.json <- the flags given now (not the model's)."""
     flags = parse_flags(argv)
     if "engram" in flags:  # --engram=off is shorthand for an empty layer list
         choice = flags.pop("engram").lower()
         if choice not in ("on", "off"):
             raise ConfigError(f"--engram={choice}: expected on or off")
-        if choice == "off":
-            flags["engram_layers"] = ""
-    cfg = TrainConfig()
-    device = flags.get("device", cfg.device)
-    device = default_device() if device == "auto" else device
-    preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset={preset}: expected one of {', '.join(PRESETS)}")
-    apply_flags(cfg, PRESETS[preset])
+        flags["engram_layers"] = "" if choice == "off" else ",".join(map(str, EngramConfig().engram_layers))
+    if parse_value("resume", flags.get("resume", "false"), bool):
+        cfg = saved_config(flags)
+    else:
+        cfg = TrainConfig()
+        device = flags.get("device", cfg.device)
+        device = default_device() if device == "auto" else device
+        cfg.preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+        apply_flags(cfg, PRESETS[cfg.preset])
     apply_flags(cfg, flags)
-    cfg.preset, cfg.device = preset, device
+    cfg.device = default_device() if cfg.device == "auto" else cfg.device
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}: no CUDA GPU is available; use --device=cpu")
     try:  # re-validate the model config after the overrides
         cfg.model = GPTConfig.from_dict(dataclasses.asdict(cfg.model))
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     try:  # --kernels=triton needs triton and a GPU (or the interpreter): say so now, not mid-run
-        kernels.use_triton(cfg.model.kernels, "cuda" if device.startswith("cuda") else device)
+        kernels.use_triton(cfg.model.kernels, "cuda" if cfg.device.startswith("cuda") else cfg.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for name in ("max_iters", "batch_size", "eval_iters", "eval_interval", "gradient_accumulation_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     return cfg
+
+
+def saved_config(flags):
+    """The config of the run in --out_dir, for --resume. Flags given now may change how it
+    trains (max_iters, device, kernels, ...) but not the model its checkpoint holds."""
+    out_dir = flags.get("out_dir", TrainConfig.out_dir)
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(os.path.join(out_dir, "ckpt.pt")) or not os.path.exists(path):
+        raise ConfigError(f"no checkpoint to resume in {out_dir}: train one first (python train.py --out_dir=...)")
+    with open(path) as f:
+        saved = json.load(f)
+    model_keys = set(flat_fields(GPTConfig())) - {"kernels"}
+    fixed = sorted(k for k in flags if k in model_keys or k == "preset")
+    if fixed:
+        raise ConfigError(f"--{fixed[0]}: a resumed run keeps its model and preset; "
+                          "drop the flag, or train a new run in another --out_dir")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "model"}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in train_fields},
+                       data=DataConfig(**saved["data"]), model=GPTConfig.from_dict(saved["model"]))
 
 
 # ----------------------------------------------------------------------------- training helpers
@@ -228,8 +256,14 @@ def trim_log(log_path, last_iter):
     """On resume, drop log lines written after the checkpoint (they will be redone)."""
     if not os.path.exists(log_path):
         return
+    keep = []
     with open(log_path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["iter"] <= last_iter]
+        for line in f:
+            try:
+                if json.loads(line)["iter"] <= last_iter:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line cut short by a crash mid-write
+                continue
     with open(log_path, "w") as f:
         f.writelines(keep)
 
@@ -271,13 +305,7 @@ def train(cfg: TrainConfig):
         cfg.model.kernels = kernel_mode
         cfg.data = DataConfig(**saved["data"])
 
-    # Data: rank 0 prepares it (downloading if needed); the others wait, then read it.
-    if master:
-        meta = load_or_prepare(cfg.data)
-    if ddp:
-        dist.barrier()
-    if not master:
-        meta = load_or_prepare(cfg.data)
+    meta = prepare_data(cfg.data, ddp, world)
     tok = Tokenizer.from_meta(meta)
     train_tokens = load_tokens(cfg.data.data_dir, "train")
     val_tokens = load_tokens(cfg.data.data_dir, "val")
@@ -303,6 +331,8 @@ def train(cfg: TrainConfig):
     counts = model.param_counts()
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        if ckpt is None and os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh curve
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(cfg.model.engram.engram_layers)} | "
@@ -320,13 +350,17 @@ def train(cfg: TrainConfig):
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(cfg.device.split(":")[1])] if device_type == "cuda" else None)
+        # no buffer broadcast: the MoE biases stay equal through update_bias's all-reduce, and the
+        # load counters are per rank until then
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[int(cfg.device.split(":")[1])] if device_type == "cuda" else None,
+            broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * world
 
-    def checkpoint_state(gather=True):
+    def checkpoint_state():
         rng_states = [rng.bit_generator.state]
-        if ddp and gather:  # every rank's data position, so all of them resume where they were
+        if ddp:  # every rank's data position, so all of them resume where they were
             rng_states = [None] * world
             dist.all_gather_object(rng_states, rng.bit_generator.state)
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -341,14 +375,26 @@ def train(cfg: TrainConfig):
         val0 = evaluate(raw_model, val_tokens, starts, cfg.batch_size, block_size, cfg.device, autocast)
         log_eval({"iter": 0, "tokens": 0, "train_loss": None, "val_loss": val0, "lr": 0.0, "tok_per_s": 0.0,
                   "elapsed_s": 0.0})
-    recent_losses, window_t0, window_tokens = [], time.time(), 0
+    # Ctrl-C asks the loop to stop at the end of the current step: the checkpoint then holds a
+    # step boundary (weights, optimizer and data position agree), so --resume is exact.
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:  # a second Ctrl-C: give up at once, keeping the last checkpoint
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    recent_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not master, desc="train", dynamic_ncols=True)
     t_last = time.time()
+    status = 0
     try:
         while it < cfg.max_iters:
             lr = lr_at(it, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_mult"]
+            step_losses = []
             for micro in range(cfg.gradient_accumulation_steps):
                 x, y = get_batch(train_tokens, cfg.batch_size, block_size, rng, cfg.device)
                 sync = not ddp or micro == cfg.gradient_accumulation_steps - 1
@@ -356,17 +402,24 @@ def train(cfg: TrainConfig):
                     _, loss = model(x, y)
                     loss = loss / cfg.gradient_accumulation_steps
                 loss.backward()
-                recent_losses.append(loss.item() * cfg.gradient_accumulation_steps)
-            if not math.isfinite(recent_losses[-1]):
+                step_losses.append(loss.item() * cfg.gradient_accumulation_steps)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+            # every rank learns whether any rank saw a non-finite loss or was asked to stop
+            nonfinite, stopping = agree(not all(map(math.isfinite, step_losses + [float(grad_norm)])),
+                                        stop["requested"], ddp, cfg.device)
+            if nonfinite:
                 if master:
-                    print(f"\nerror: loss became {recent_losses[-1]} at iter {it}; stopping. The last good checkpoint "
-                          f"(if any) is kept at {ckpt_path}. Try a lower --learning_rate.", file=sys.stderr)
-                sys.exit(1)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    bar.write(f"error: loss or gradient became non-finite at iter {it} (last loss {step_losses[-1]}); "
+                              f"stopping without saving. The last good checkpoint, if any, is {ckpt_path}. "
+                              "Try a lower --learning_rate.", file=sys.stderr)
+                status = 1
+                break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             moe_load = raw_model.update_router_biases()  # aux-loss-free balancing (DeepSeek-V3 §2.1.2)
+            if moe_load:
+                load_stats.append({k: v["max_over_mean"] for k, v in moe_load.items()})
+            recent_losses += step_losses
             it += 1
             tokens_seen += tokens_per_iter
             window_tokens += tokens_per_iter
@@ -375,9 +428,9 @@ def train(cfg: TrainConfig):
             t_last = now
             tok_per_s = window_tokens / max(now - window_t0, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:,.0f}")
+            bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:,.0f}")
 
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters or stopping:
                 val_loss = evaluate(raw_model, val_tokens, starts, cfg.batch_size, block_size, cfg.device, autocast)
                 t_eval = time.time()
                 elapsed += t_eval - t_last  # evaluation time counts as wall time too
@@ -385,26 +438,59 @@ def train(cfg: TrainConfig):
                 if master:
                     record = {"iter": it, "tokens": tokens_seen, "train_loss": float(np.mean(recent_losses)),
                               "val_loss": val_loss, "lr": lr, "tok_per_s": tok_per_s, "elapsed_s": elapsed}
-                    if moe_load:
-                        record["moe_max_over_mean"] = {str(k): round(v["max_over_mean"], 3) for k, v in moe_load.items()}
+                    if load_stats:  # mean over the window's steps of each MoE layer's max/mean expert load
+                        record["moe_max_over_mean"] = {str(k): round(float(np.mean([s[k] for s in load_stats])), 3)
+                                                       for k in load_stats[0]}
                     log_eval(record)
                     bar.write(f"iter {it}: train {record['train_loss']:.4f} val {val_loss:.4f} "
                               f"({tok_per_s:,.0f} tok/s, {elapsed:.0f}s)")
                 state = checkpoint_state()  # collective under DDP: every rank takes part
                 if master:
                     save_checkpoint(ckpt_path, state)
-                recent_losses, window_t0, window_tokens = [], time.time(), 0
-    except KeyboardInterrupt:
-        if master:
-            bar.write(f"interrupted at iter {it}: saving {ckpt_path}; continue with --resume")
-            save_checkpoint(ckpt_path, checkpoint_state(gather=False))  # no collectives mid-interrupt
-        sys.exit(130)
+                recent_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
+            if stopping:
+                if master:
+                    bar.write(f"interrupted: saved {ckpt_path} at iter {it}; continue with --resume")
+                status = 130
+                break
     finally:
         bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
     if ddp:
-        check_ranks_agree(raw_model, world, master)
+        if status == 0:
+            check_ranks_agree(raw_model, world, master)
         dist.destroy_process_group()
+    if status:
+        sys.exit(status)
     return raw_model
+
+
+def prepare_data(data_cfg, ddp, world):
+    """Prepare the data once per machine (downloading if needed), then let every rank read it.
+    Under DDP a failure on the preparing rank reaches every rank as the same DataError."""
+    local_master = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    meta, error = None, None
+    if local_master:
+        try:
+            meta = load_or_prepare(data_cfg)
+        except DataError as e:
+            error = str(e)
+    if ddp:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)  # also a barrier: the files exist after it
+        error = next((e for e in errors if e), None)
+    if error:
+        raise DataError(error)
+    return meta if meta is not None else load_or_prepare(data_cfg)
+
+
+def agree(nonfinite, stop_requested, ddp, device):
+    """Under DDP, OR each flag over all ranks, so that every rank takes the same branch."""
+    if not ddp:
+        return nonfinite, stop_requested
+    flags = torch.tensor([float(nonfinite), float(stop_requested)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
 
 
 def main(argv=None):
@@ -414,6 +500,9 @@ def main(argv=None):
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,9 @@
 """Tests for engram.py: hashing, tokenizer compression, gating, short conv, decoding."""
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken"))
-
-from engram import (Engram, EngramConfig, EngramHasher, build_canonical_ids,  # noqa: E402
-                    compression_reduction, head_table_sizes, normalize_token)
+from engram import (Engram, EngramConfig, EngramHasher, build_canonical_ids, compression_reduction,
+                    head_table_sizes, normalize_token)
 
 V = 300  # small made-up vocabulary for the hashing tests
 

@@ -86,6 +86,7 @@ def test_train_and_sample_agree_across_kernel_modes(prepared, tmp_path):
                    f"--kernels={mode}", "--stop_at_eot=false")
         assert proc.returncode == 0, proc.stderr[-2000:]
         samples[mode] = proc.stdout
+    assert len(logs["torch"]) == len(logs["triton"])
     for a, b in zip(logs["torch"], logs["triton"]):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
     assert samples["torch"] == samples["triton"]
