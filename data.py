@@ -360,8 +360,9 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         # join bytes, not strings: a character may span several tokens
-        table = self.token_bytes()
-        return b"".join(table[int(i)] for i in ids).decode("utf-8", errors="replace")
+        if self._token_bytes is None:
+            self.token_bytes()  # builds the table once; token_bytes() hands out copies of it
+        return b"".join(self._token_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self) -> list[bytes]:
         """The raw bytes of each model id (b"<unk>" for <unk>)."""
