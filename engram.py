@@ -171,7 +171,7 @@ class EngramHasher(nn.Module):
         else:
             canonical_ids = torch.arange(vocab_size)  # compression off: identity
         self.n_canonical = int(canonical_ids.max()) + 1  # V'
-        self.reduction = 1.0 - self.n_canonical / vocab_size
+        self.reduction = compression_reduction(canonical_ids)
         # Odd random multipliers from a seeded generator, bounded so c * m < 2**62 for every
         # id c <= pad_id; a fresh draw per layer makes each layer's hash independent.
         bound = 2**62 // (self.n_canonical + 1)

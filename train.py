@@ -323,7 +323,8 @@ def train(cfg: TrainConfig):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         it, tokens_seen, elapsed = ckpt["iter"], ckpt["tokens"], ckpt["elapsed_s"]
-        rng.bit_generator.state = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else rng.bit_generator.state
+        if rank < len(ckpt["rng"]):  # a rank the saved run did not have keeps its fresh stream
+            rng.bit_generator.state = ckpt["rng"][rank]
         torch.set_rng_state(ckpt["torch_rng"])
         if master:
             trim_log(log_path, it)
