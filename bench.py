@@ -1,22 +1,38 @@
 """Benchmarks. Every figure is printed as one JSON object per line.
 
-    python bench.py             # KV-cache bytes (MLA vs MHA), training tokens/s (MHA+dense vs MLA+MoE)
-    python bench.py --kernels   # Triton kernels against their PyTorch references (needs a GPU for Triton)
+    python bench.py                    # KV-cache bytes (MLA vs MHA), training tokens/s (MHA+dense vs MLA+MoE)
+    python bench.py --kernels          # Triton kernels against their PyTorch references (needs a GPU for Triton)
+    python bench.py --engram_scaling   # step time against Engram table size, dense vs sparse table training
 
 Speed comparisons are measured side by side in one process, alternating the
 contenders step by step, so that load from elsewhere on the machine hits both alike.
 """
-import argparse
+import gc
 import json
 import statistics
+import sys
 import time
+from dataclasses import dataclass, replace
 
 import torch
 
+import cli
+import kernels
+from engram import EngramConfig, TokenizerCompression, hash_multipliers, head_table_sizes, table_params
 from mla import MLAConfig
-from model import GPT, Cache, GPTConfig
-from engram import EngramConfig
-from train import build_config
+from model import GPT, Cache, GPTConfig, dense_ffn_hidden
+from train import build_config, clip_grad_norm
+
+
+@dataclass
+class BenchConfig:
+    kernels: bool = False             # benchmark the Triton kernels against their PyTorch references
+    engram_scaling: bool = False      # step time against Engram table size: dense vs sparse table training
+    steps: int = 0                    # timed training steps per model; 0 = 20 (8 per path and size with --engram_scaling)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"--steps={self.steps}: must be >= 0")
 
 
 def emit(**record):
@@ -64,12 +80,9 @@ def bench_kv_cache():
 
 
 def matched_dense_config(target_active, attn="mha"):
-    """A dense-FFN CPU-preset config with about target_active active parameters.
-    Active parameters grow linearly with the FFN width, so two probes find the width."""
-    a32, a64 = (GPT(preset_model("cpu", attn=attn, ffn="dense", ffn_hidden=h)).param_counts()["active"]
-                for h in (32, 64))
-    hidden = 32 + (target_active - a32) * 32 / (a64 - a32)
-    return preset_model("cpu", attn=attn, ffn="dense", ffn_hidden=max(32, 32 * round(hidden / 32)))
+    """A dense-FFN CPU-preset config with about target_active active parameters (width a multiple of 32)."""
+    cfg = preset_model("cpu", attn=attn, ffn="dense")
+    return replace(cfg, ffn_hidden=dense_ffn_hidden(cfg, target_active, multiple=32))
 
 
 def bench_train_speed(steps=20, batch_size=16, device="cpu"):
@@ -81,27 +94,58 @@ def bench_train_speed(steps=20, batch_size=16, device="cpu"):
     contenders["mha+dense"] = GPT(matched_dense_config(contenders["mla+moe"].param_counts()["active"])).to(device)
     # the default model: the same backbone plus Engram, to price the memory lookup
     contenders["mla+moe+engram"] = GPT(preset_model("cpu", engram="on")).to(device)
-    opts = {k: m.configure_optimizer(1e-3, 0.1, (0.9, 0.95), device) for k, m in contenders.items()}
-    times = {k: [] for k in contenders}
     T = moe_cfg.block_size
-    for step in range(steps + 3):  # the first 3 steps warm up allocators and are not timed
-        x = torch.randint(0, moe_cfg.vocab_size, (batch_size, T + 1), device=device)
-        for name, model in contenders.items():
-            t0 = time.perf_counter()
-            _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step >= 3:
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved_step_times(contenders, steps, batch_size, T, moe_cfg.vocab_size, device)
     for name, model in contenders.items():
         counts = model.param_counts()
         median = statistics.median(times[name])
         emit(bench="train_tokens_per_s", model=name, device=device, batch=batch_size, block=T,
              params_total=counts["total"], params_active=counts["active"],
              tok_per_s=round(batch_size * T / median), step_ms_median=round(1000 * median, 1))
+
+
+def interleaved_step_times(models, steps, batch_size, block_size, vocab_size, device, warmup=3):
+    """{name: [seconds per training step]}: forward, backward, gradient clipping and the optimizer
+    step of every model on the same batch, the models taking turns step by step (the first warmup
+    steps, which warm up allocators, are not timed)."""
+    optimizers = {k: m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), device) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for step in range(steps + warmup):
+        x = torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device)
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            for opt in optimizers[name]:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_engram_scaling(steps=8, batch_size=16, device="cpu"):
+    """Step time of the CPU preset backbone with Engram tables of about 0.5M, 8M, 64M and 256M
+    parameters, dense table training (AdamW reads and writes every row, every step) against sparse
+    (the looked-up rows only). The two paths of one size take turns step by step in one process;
+    sizes run one after another, so that only two models are in memory at a time."""
+    base = preset_model("cpu", engram="on")
+    for rows in (4099, 65536, 524288, 2097152):  # 8 heads x 16 dims x rows: 0.5M, 8.4M, 67M, 268M
+        models = {}
+        for path in ("dense", "sparse"):
+            torch.manual_seed(0)
+            cfg = replace(base, engram=replace(base.engram, engram_rows_per_head=rows, engram_sparse=path == "sparse"))
+            models[path] = GPT(cfg).to(device)
+        times = interleaved_step_times(models, steps, batch_size, base.block_size, base.vocab_size, device)
+        for path in models:
+            emit(bench="engram_scaling", path=path, table_params=table_params(models[path].cfg.engram),
+                 rows_per_head=rows, kernels="triton" if kernels.use_triton(device) else "torch", device=device,
+                 batch=batch_size, block=base.block_size, step_ms=round(1000 * statistics.median(times[path]), 1))
+        del models, times
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -124,26 +168,23 @@ def time_ms(fn, device):
 
 
 def engram_case(batch, seq, heads_per_order, rows_per_head, head_dim, device, dtype):
-    """One Engram layer's lookup (orders 2 and 3): returns shape, call(mode), bytes moved."""
-    import kernels
-    from engram import EngramHasher
+    """One Engram layer's lookup (orders 2 and 3): returns shape, call(), bytes moved."""
     cfg = EngramConfig(engram_layers=(0,), ngram_orders=(2, 3), engram_heads_per_order=heads_per_order,
                        engram_dim_per_order=heads_per_order * head_dim, engram_rows_per_head=rows_per_head)
-    hasher = EngramHasher(cfg, vocab_size=32000).to(device)
-    context = hasher.canonical_context(torch.randint(0, 32000, (batch, seq), device=device))
-    n_rows = int(hasher.head_primes[0].sum())
-    table = torch.randn(n_rows, head_dim, device=device, dtype=dtype)
-    args = (context, hasher.multipliers[0], hasher.head_primes[0], hasher.head_offsets[0], hasher.ngram_orders,
-            hasher.heads_per_order, table)
+    compression = TokenizerCompression(cfg, vocab_size=32000).to(device)
+    context = compression(torch.randint(0, 32000, (batch, seq), device=device))  # (B, P+T) canonical ids
+    primes = torch.tensor(head_table_sizes(cfg)[0], device=device)
+    table = torch.randn(int(primes.sum()), head_dim, device=device, dtype=dtype)
+    args = (context, hash_multipliers(cfg, compression.n_canonical)[0].to(device), primes, primes.cumsum(0) - primes,
+            cfg.ngram_orders, heads_per_order, table)
     n_heads = 2 * heads_per_order
-    shape = {"tokens": batch * seq, "heads": n_heads, "head_dim": head_dim, "table_rows": n_rows}
-    return shape, lambda mode: kernels.engram_lookup(*args, mode=mode), \
+    shape = {"tokens": batch * seq, "heads": n_heads, "head_dim": head_dim, "table_rows": table.shape[0]}
+    return shape, lambda: kernels.engram_lookup(*args), \
         kernels.engram_lookup_bytes(batch * seq, n_heads, head_dim, table.element_size()), None
 
 
 def moe_case(n_tokens, n_experts, top_k, dim, inter_dim, device, dtype):
     """All routed experts' SwiGLU over expert-sorted rows (random top-k routing): FLOPs-bound."""
-    import kernels
     expert_ids = torch.rand(n_tokens, n_experts, device=device).topk(top_k, dim=-1).indices.flatten()
     counts = torch.bincount(expert_ids, minlength=n_experts)
     x = torch.randn(n_tokens * top_k, dim, device=device, dtype=dtype)
@@ -151,19 +192,18 @@ def moe_case(n_tokens, n_experts, top_k, dim, inter_dim, device, dtype):
     w2 = torch.randn(n_experts, dim, inter_dim, device=device, dtype=dtype) / inter_dim ** 0.5
     shape = {"tokens": n_tokens, "experts": n_experts, "top_k": top_k, "dim": dim, "inter_dim": inter_dim}
     flops = kernels.moe_grouped_swiglu_flops(n_tokens * top_k, dim, inter_dim)
-    return shape, lambda mode: kernels.moe_grouped_swiglu(x, counts, w1, w3, w2, mode=mode), None, flops
+    return shape, lambda: kernels.moe_grouped_swiglu(x, counts, w1, w3, w2), None, flops
 
 
 def mla_case(batch, cache_len, n_heads, device, dtype, kv_lora_rank=512, rope_dim=64):
     """One decode step of absorbed MLA over a latent cache (DeepSeek-V3 dims): bandwidth-bound."""
-    import kernels
     q = torch.randn(batch, n_heads, kv_lora_rank, device=device, dtype=dtype)
     q_rope = torch.randn(batch, n_heads, rope_dim, device=device, dtype=dtype)
     kv = torch.randn(batch, cache_len, kv_lora_rank, device=device, dtype=dtype)
     k_rope = torch.randn(batch, cache_len, rope_dim, device=device, dtype=dtype)
     scale = (128 + rope_dim) ** -0.5
     shape = {"batch": batch, "cache_len": cache_len, "heads": n_heads, "kv_lora_rank": kv_lora_rank}
-    return shape, lambda mode: kernels.mla_decode_attention(q, q_rope, kv, k_rope, scale, mode=mode), \
+    return shape, lambda: kernels.mla_decode_attention(q, q_rope, kv, k_rope, scale), \
         kernels.mla_decode_bytes(batch, n_heads, cache_len, kv_lora_rank, rope_dim, kv.element_size()), None
 
 
@@ -171,7 +211,6 @@ def bench_kernels():
     """Each kernel against its PyTorch reference. On a CPU only the references run, on small shapes,
     so that a reader without a GPU still gets output (and unless TRITON_INTERPRET=1 is set, which
     runs the kernels in the interpreter: a correctness path whose timings mean nothing)."""
-    import kernels
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     run_triton = kernels.HAVE_TRITON and (gpu or kernels.INTERPRET)
@@ -194,9 +233,9 @@ def bench_kernels():
         impls = ["torch", "triton"] if run_triton else ["torch"]
         with torch.no_grad():
             for impl in impls:
-                row[f"{impl}_ms"] = round(time_ms(lambda: call(impl), device), 4)
+                row[f"{impl}_ms"] = round(time_ms(lambda: in_mode(impl, call), device), 4)
             if run_triton:  # recorded, not asserted: one miss must not cost the rest of a GPU run
-                row["max_abs_err"] = float((call("triton").float() - call("torch").float()).abs().max())
+                row["max_abs_err"] = float((in_mode("triton", call).float() - in_mode("torch", call).float()).abs().max())
                 row["speedup"] = round(row["torch_ms"] / row["triton_ms"], 2)
         if gpu:  # achieved throughput of each implementation, against the H200's peak
             for impl in impls:
@@ -214,17 +253,25 @@ def bench_kernels():
         emit(bench="end_to_end", note="skipped: --kernels=torch vs triton training and sampling need a CUDA GPU")
 
 
+def in_mode(mode, fn):
+    """fn() with kernels.py's switch set to mode ('torch' or 'triton'), then set back."""
+    previous, kernels.mode = kernels.mode, mode
+    try:
+        return fn()
+    finally:
+        kernels.mode = previous
+
+
 def bench_end_to_end(device, steps=10):
-    """GPU preset model: training tokens/s and sampling tokens/s with --kernels=torch vs triton."""
-    cfg = build_config(["--preset=gpu", f"--device={device}"])
-    cfg.model.vocab_size = 7000
-    models = {}
-    for mode in ("torch", "triton"):
-        torch.manual_seed(0)
-        cfg.model.kernels = mode
-        models[mode] = GPT(GPTConfig.from_dict(cfg.model.to_dict())).to(device)
-    opts = {k: m.configure_optimizer(1e-4, 0.1, (0.9, 0.95), "cuda") for k, m in models.items()}
-    B, T = cfg.batch_size // 4, cfg.model.block_size
+    """GPU preset model: training tokens/s and sampling tokens/s with --kernels=torch vs triton
+    (two copies of one model, each trained with its own mode)."""
+    cfg = replace(build_config(["--preset=gpu", f"--device={device}"]).model, vocab_size=7000)
+    torch.manual_seed(0)
+    models = {"torch": GPT(cfg).to(device)}
+    models["triton"] = GPT(cfg).to(device)
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    opts = {k: m.configure_optimizers(1e-4, 0.1, (0.9, 0.95), "cuda") for k, m in models.items()}
+    B, T = 32, cfg.block_size
     times = {k: [] for k in models}
     for step in range(steps + 2):
         x = torch.randint(0, 7000, (B, T + 1), device=device)
@@ -232,10 +279,11 @@ def bench_end_to_end(device, steps=10):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opts[mode].step()
-            opts[mode].zero_grad(set_to_none=True)
+                _, loss = in_mode(mode, lambda: model(x[:, :-1], x[:, 1:]))
+            in_mode(mode, loss.backward)
+            for opt in opts[mode]:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             if step >= 2:
                 times[mode].append(time.perf_counter() - t0)
@@ -246,26 +294,28 @@ def bench_end_to_end(device, steps=10):
         model.eval()
         prompt = torch.randint(0, 7000, (32, 16), device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            list(model.generate(prompt, 8, temperature=0))  # warm-up
+            in_mode(mode, lambda: list(model.generate(prompt, 8, temperature=0)))  # warm-up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            list(model.generate(prompt, 256, temperature=0))
+            in_mode(mode, lambda: list(model.generate(prompt, 256, temperature=0)))
             torch.cuda.synchronize()
         emit(bench="end_to_end_sample", kernels=mode, batch=32, new_tokens=256,
              tok_per_s=round(32 * 256 / (time.perf_counter() - t0)))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernels", action="store_true", help="benchmark the Triton kernels")
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps per model")
-    args = ap.parse_args()
-    if args.kernels:
+def main(argv=None):
+    try:
+        cfg = cli.parse(BenchConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+        device = cli.setup_device("auto", "auto")
+    except cli.ConfigError as e:
+        cli.fail(e)
+    if cfg.kernels:
         bench_kernels()
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bench_kv_cache()
-    bench_train_speed(steps=args.steps, device=device)
+    elif cfg.engram_scaling:
+        bench_engram_scaling(steps=cfg.steps or 8, device=device)
+    else:
+        bench_kv_cache()
+        bench_train_speed(steps=cfg.steps or 20, device=device)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Writes out_dir/results.json (every number), results.md (the tables) and compare.
 --allocation_sweep also allocation.png.
 """
 import dataclasses
-import difflib
 import json
 import os
 import platform
@@ -46,11 +45,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+import cli
+import harness
 import train
+from cli import ConfigError
 from data import DataError, load_or_prepare
-from engram import head_table_sizes
-from model import GPT
-from train import ConfigError
+from engram import table_params
+from model import GPT, GPTConfig, dense_ffn_hidden
 
 # train.py flags shared by every arm, applied on top of train.py's preset of the same name.
 PRESETS = {
@@ -75,22 +76,34 @@ ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_
 ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, "engram-layer<k>"]
 TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
 # flags that define the model (not how it is computed): a resumed run takes them from its checkpoint
-MODEL_FLAGS = (set(train.flat_fields(train.GPTConfig())) - {"kernels"}) | {"engram", "preset"}
+MODEL_FLAGS = set(cli.flat_fields(GPTConfig())) | {"engram", "preset"}
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
 @dataclass
 class CompareConfig:
-    out_dir: str = "out-compare"
+    out_dir: str = "out-compare"      # every run goes to out_dir/<arm>/seed<k>; the report to out_dir
     preset: str = ""                  # 'cpu' | 'gpu'; '' = chosen by device
     device: str = "auto"              # passed to every run
     arms: str = ""                    # comma list; '' = the preset's
     seeds: int = 3                    # runs per arm; seed k trains with --seed=seed+k
-    seed: int = 1337
+    seed: int = 1337                  # seed of run k=0
     iso_share: float = 0.3            # iso-params: share of moe's sparse budget moved into the Engram table
     allocation_sweep: bool = False    # on by default in the gpu preset
-    sweep_shares: str = "0,0.17,0.33,0.5,0.67,0.83"
+    sweep_shares: str = "0,0.17,0.33,0.5,0.67,0.83"  # allocation sweep: shares of the sparse budget given to Engram
     summarize_only: bool = False      # no training: report on the finished runs that exist
+
+    def __post_init__(self):
+        if self.preset not in ("", *PRESETS):
+            raise ValueError(f"--preset={self.preset}: expected one of {', '.join(PRESETS)}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds={self.seeds}: must be at least 1")
+        if not 0 < self.iso_share < 1:
+            raise ValueError(f"--iso_share={self.iso_share}: must be between 0 and 1")
+        for arm in arm_list(self):
+            if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm):
+                raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
+        sweep_shares(self)  # a malformed list fails here too
 
 
 class RunFailed(Exception):
@@ -100,34 +113,22 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    """-> (CompareConfig, {train flag: value} passed through to every run)."""
-    flags = train.parse_flags(argv)
-    cfg, own = CompareConfig(), {f.name: type(f.default) for f in dataclasses.fields(CompareConfig)}
-    given = [k for k in flags if k in own]
-    for key in given:
-        setattr(cfg, key, train.parse_value(key, flags.pop(key), own[key]))
-    known = set(train.flat_fields(train.TrainConfig())) | {"engram"}  # --engram=on|off is train.py shorthand
-    for key in flags:
-        if key == "resume":
-            raise ConfigError("--resume: compare.py resumes unfinished runs by itself; just rerun it")
-        if key not in known:  # fail now, not after an hour of training the first arms
-            near = difflib.get_close_matches(key, known | set(own), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""
-            raise ConfigError(f"unknown flag --{key}{hint}")
-    device = train.default_device() if cfg.device == "auto" else cfg.device
-    cfg.preset = cfg.preset or ("gpu" if device.startswith("cuda") else "cpu")
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
-    cfg.arms = cfg.arms or DEFAULT_ARMS[cfg.preset]
-    if cfg.preset == "gpu" and "allocation_sweep" not in given:
-        cfg.allocation_sweep = True  # the gpu preset runs the sweep unless told not to
-    for arm in arm_list(cfg):
-        if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm):
-            raise ConfigError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
-    if cfg.seeds < 1:
-        raise ConfigError(f"--seeds={cfg.seeds}: must be at least 1")
-    sweep_shares(cfg)  # a malformed list fails here too
-    return cfg, flags
+    """-> (CompareConfig, {train flag: value} passed through to every run). Every flag is checked
+    now, train.py's too, so that a typo fails at once and not after an hour of training."""
+    if "-h" in argv or "--help" in argv:
+        print(cli.help_text(__doc__, CompareConfig(), train.TrainConfig(), extra="\n  Any train.py flag is "
+                            "passed on to every run; out_dir, preset, device and seed are compare.py's own."))
+        sys.exit(0)
+    own = cli.flat_fields(CompareConfig())
+    flags = cli.parse_flags(argv, {**cli.flat_fields(train.TrainConfig()), "engram": str, **own})
+    if "resume" in flags:
+        raise ConfigError("--resume: compare.py resumes unfinished runs by itself; just rerun it")
+    cfg = cli.apply(CompareConfig(), {k: v for k, v in flags.items() if k in own})
+    preset = cfg.preset or ("cpu" if cli.resolve_device(cfg.device) == "cpu" else "gpu")
+    # the gpu preset runs the allocation sweep unless told not to
+    cfg = dataclasses.replace(cfg, preset=preset, arms=cfg.arms or DEFAULT_ARMS[preset],
+                              allocation_sweep=cfg.allocation_sweep or (preset == "gpu" and "allocation_sweep" not in flags))
+    return cfg, {k: v for k, v in flags.items() if k not in own}
 
 
 def arm_list(cfg):
@@ -172,11 +173,9 @@ def check_match(name, counts, target, kinds=("total", "active"), hint=""):
                               f"{100 * gap:+.1f}% (more than {100 * TOLERANCE:.0f}%){hint}")
 
 
-def table_params(engram_cfg, rows_per_head):
-    """Engram table size for a rows_per_head, from the same deterministic primes the model uses."""
-    cfg = dataclasses.replace(engram_cfg, engram_rows_per_head=rows_per_head)
-    head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
-    return head_dim * sum(sum(layer) for layer in head_table_sizes(cfg))
+def table_size(engram_cfg, rows_per_head):
+    """Engram table parameters for a rows_per_head, from the same deterministic primes the model uses."""
+    return table_params(dataclasses.replace(engram_cfg, engram_rows_per_head=rows_per_head))
 
 
 def routed_experts(flags):
@@ -198,13 +197,13 @@ def memory_swap_flags(base, n_experts, vocab_size, moe_counts):
     without_table = count_params(flags, vocab_size)
     budget = moe_counts["total"] - (without_table["total"] - without_table["engram_tables"])
     engram_cfg = resolve(flags).model.engram
-    if budget <= table_params(engram_cfg, 2):
+    if budget <= table_size(engram_cfg, 2):
         raise ConfigError(f"{n_experts} routed experts free no room for an Engram table; use fewer")
     lo, hi = 2, budget // (engram_cfg.engram_dim_per_order // engram_cfg.engram_heads_per_order) + 1
     while hi - lo > 1:  # invariant: table(lo) <= budget < table(hi)
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if table_params(engram_cfg, mid) <= budget else (lo, mid)
-    closer_hi = table_params(engram_cfg, hi) - budget < budget - table_params(engram_cfg, lo)
+        lo, hi = (mid, hi) if table_size(engram_cfg, mid) <= budget else (lo, mid)
+    closer_hi = table_size(engram_cfg, hi) - budget < budget - table_size(engram_cfg, lo)
     flags["engram_rows_per_head"] = str(hi if closer_hi else lo)
     counts = count_params(flags, vocab_size)
     check_match(f"{n_experts} routed experts + Engram", counts, moe_counts,
@@ -213,15 +212,10 @@ def memory_swap_flags(base, n_experts, vocab_size, moe_counts):
 
 
 def dense_flags(base, vocab_size, moe_counts):
-    """A dense SwiGLU FFN whose width gives moe's active params: active grows linearly in ffn_hidden
-    (3 * n_embd per unit per layer), so two probes give the line and one solve gives the width."""
+    """A dense SwiGLU FFN whose width gives moe's active params (model.dense_ffn_hidden)."""
     flags = {**base, "engram": "off", "ffn": "dense"}
-    a64 = count_params({**flags, "ffn_hidden": "64"}, vocab_size)["active"]
-    a128 = count_params({**flags, "ffn_hidden": "128"}, vocab_size)["active"]
-    hidden = round(64 + (moe_counts["active"] - a64) * 64 / (a128 - a64))
-    if hidden < 1:
-        raise ConfigError("dense: the rest of the model alone has more active params than moe")
-    flags["ffn_hidden"] = str(hidden)
+    model_cfg = dataclasses.replace(resolve(flags).model, vocab_size=vocab_size)
+    flags["ffn_hidden"] = str(dense_ffn_hidden(model_cfg, moe_counts["active"]))
     counts = count_params(flags, vocab_size)
     check_match("dense", counts, moe_counts, kinds=("active",))
     return flags, counts
@@ -301,11 +295,7 @@ def describe(g, base, moe_counts):
 # ----------------------------------------------------------------------------- running
 
 def read_log(run_dir):
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return harness.read_log(os.path.join(run_dir, "log.jsonl"))
 
 
 def run_state(run_dir, flags, vocab_size):
@@ -313,16 +303,9 @@ def run_state(run_dir, flags, vocab_size):
     if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         return "fresh"
     cfg = resolve(flags)
-    cfg.model.vocab_size = vocab_size
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"{run_dir} has a checkpoint but no config.json; delete the folder to retrain it")
-    with open(config_path) as f:
-        saved = json.load(f)
-    model = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
-    same_model = {k: v for k, v in saved["model"].items() if k != "kernels"} == \
-        {k: v for k, v in model.items() if k != "kernels"}  # kernels: how to compute, not what
-    if not same_model or saved["seed"] != cfg.seed:
+    saved = harness.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))["config"]
+    model = dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    if json.dumps(saved["model"]) != json.dumps(model) or saved["seed"] != cfg.seed:  # JSON: tuples == lists
         raise ConfigError(f"{run_dir} holds a run of another configuration; delete it or pick another --out_dir")
     log = read_log(run_dir)
     return "done" if log and log[-1]["iter"] >= cfg.max_iters else "resume"
@@ -361,7 +344,7 @@ def train_all(runs, vocab_size):
             continue
         eta = f"~{clock(np.mean(durations) * left)} left" if durations else "time left known after the first run"
         print(f"[{i}/{len(runs)}] {label} | elapsed {clock(time.time() - t0)} | {eta}", flush=True)
-        argv = to_argv(flags)
+        argv = to_argv(flags) + ["--overwrite=true"]  # no checkpoint: whatever is there is a run cut short
         if state == "resume":  # the model comes from the run's checkpoint; only how it trains is passed on
             argv = to_argv({k: v for k, v in flags.items() if k not in MODEL_FLAGS}) + ["--resume"]
         start, child = time.time(), subprocess.Popen([sys.executable, TRAIN_PY, *argv])
@@ -440,7 +423,7 @@ def engram_verdict(arms):
 
 
 def hardware(cfg):
-    device = train.default_device() if cfg.device == "auto" else cfg.device
+    device = cli.resolve_device(cfg.device)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
 
@@ -585,8 +568,7 @@ def main(argv=None):
             train_all(runs_of(arms + sweep, cfg), meta["vocab_size"])
         report(cfg, argv, arms, sweep, meta)
     except (ConfigError, DataError, RunFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, RunFailed) else 2)
+        cli.fail(e, 1 if isinstance(e, RunFailed) else 2)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

@@ -2,7 +2,8 @@
 
 `python data.py` (or train.py, through `load_or_prepare`, when the files are missing):
   1. text: download TinyStories-train.txt / -valid.txt from the Hugging Face hub into data_dir/raw
-     (resumable .part files), or read local .txt/.txt.gz files given with --source.
+     (resumable .part files), or read local .txt/.txt.gz files given with --source. Only the first
+     --max_train_mb MiB of train are used (64 by default; 0 = all of it, about 1.9 GiB).
   2. tokens: tiktoken "gpt2" on each stripped story, then one <|endoftext|> token after it.
   3. vocabulary: TinyStories uses only a few thousand of GPT-2's 50,257 tokens, so by default ("compact")
      we keep the ids seen in train, renumber them densely and map the rest to one <unk> id. That makes
@@ -10,16 +11,18 @@
   4. files: train.bin / val.bin (uint16 model ids, read back as memmaps) and meta.json (counts, mapping).
 Training then draws random windows from the memmaps with `get_batch`.
 """
-import argparse
 import gzip
 import http.client
 import json
+import math
 import os
 import re
+import shlex
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
@@ -31,12 +34,15 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+import cli
+
 # The env var of the same name overrides it, so that tests can serve the files from a local http.server.
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 HUB_FILES = {"train": "TinyStories-train.txt", "val": "TinyStories-valid.txt"}
 SPLITS = ("train", "val")
 EOT = b"<|endoftext|>"          # the separator line between stories in the text files
 GPT2_VOCAB_SIZE, GPT2_EOT = 50257, 50256
+VOCABS = ("compact", "gpt2")    # --vocab: the ids seen in train plus <unk>, or all of gpt2's
 HOLDOUT_FRACTION = 0.05         # share of the stories held out as val when the source has no val file
 POOL_MIN_BYTES = 20 * 2**20      # below this, tokenize in-process: starting workers costs more than it saves
 STORIES_PER_BATCH = 1024
@@ -46,14 +52,36 @@ NO_NET_HINT = "pass --source=PATH with a local copy of TinyStories (a .txt/.txt.
 
 @dataclass
 class DataConfig:
-    data_dir: str = "data"        # where train.bin / val.bin / meta.json are written
-    source: str = ""              # local file/folder of TinyStories text; "" = download from the hub
-    vocab: str = "compact"        # "compact" | "gpt2"
-    max_train_mb: float = 0.0     # 0 = whole train split
+    data_dir: str = "data"        # folder for train.bin, val.bin and meta.json (made if missing)
+    source: str = ""              # local TinyStories .txt/.txt.gz file or folder; empty = download from the hub
+    vocab: str = "compact"        # compact (only the ids seen in train, plus <unk>) or gpt2 (all 50,257)
+    max_train_mb: float = 64.0    # use only the first N MiB of the train split; 0 = all of it
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ValueError("--data_dir is empty; give a folder, e.g. --data_dir=data")
+        if self.vocab not in VOCABS:
+            raise ValueError(f"--vocab={self.vocab}: expected compact or gpt2")
+        mb = self.max_train_mb
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb < math.inf:
+            raise ValueError(f"--max_train_mb={mb}: expected a finite number of MiB >= 0 (0 = all of train)")
 
 
 class DataError(Exception):
     """A data problem the user can fix; the message is one line saying how."""
+
+
+class StaleData(DataError):
+    """Prepared files that are damaged or do not match each other. They are derived from the text, so
+    load_or_prepare rebuilds them; anyone else is told the command that does. Both parts stay in args
+    so that the error survives pickling, e.g. out of a Pool worker."""
+
+    def __init__(self, problem: str, rebuild: str):
+        super().__init__(problem, rebuild)
+        self.problem = problem
+
+    def __str__(self):
+        return f"{self.args[0]}; rebuild with {self.args[1]}"
 
 
 def _one_line(err) -> str:
@@ -160,43 +188,77 @@ def find_source_files(source: str) -> dict:
     return {"train": train, "val": val}
 
 
-def iter_stories(paths, max_bytes: int = 0):
+def _decode(raw: bytes) -> tuple[str, int]:
+    """raw as text, each invalid UTF-8 sequence replaced by U+FFFD exactly as decode("utf-8", "replace")
+    does, and the number of bytes that were not valid UTF-8."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        escaped = raw.decode("utf-8", "surrogateescape")  # each invalid byte becomes one of U+DC80..U+DCFF
+        n_bad = sum(1 for c in escaped if "\udc80" <= c <= "\udcff")
+        return raw.decode("utf-8", "replace"), n_bad
+
+
+def _read_error(path: Path, err: Exception) -> str:
+    if isinstance(err, (gzip.BadGzipFile, EOFError, zlib.error)):
+        return (f"{path} is not a whole gzip file ({_one_line(err) or type(err).__name__}); it is corrupt or "
+                "cut short: get a complete copy, or pass the unpacked .txt")
+    return f"cannot read {path} ({_one_line(getattr(err, 'strerror', None) or err)})"
+
+
+def iter_stories(paths, max_bytes: int = 0, warn: bool = True):
     """Yield each non-empty story, stripped; stories end at a <|endoftext|> separator.
 
     With max_bytes, stop before the first line that would pass it: the story it belongs to is dropped,
-    so only complete stories are kept.
+    so only complete stories are kept. With warn, say (once per file) how many bytes were not UTF-8.
     """
     used = 0
     for path in paths:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
-            story = []
-            for line in f:
-                used += len(line)
-                if max_bytes and used > max_bytes:
-                    return
-                *ended, rest = line.split(EOT)
-                for piece in ended:
-                    if text := b"".join(story + [piece]).decode("utf-8", "replace").strip():
-                        yield text
-                    story = []
-                story.append(rest)
-            if text := b"".join(story).decode("utf-8", "replace").strip():  # a last story with no separator
-                yield text
+        story, n_bad, separated, cut = [], 0, False, False
+        try:
+            with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+                for line in f:
+                    used += len(line)
+                    if max_bytes and used > max_bytes:
+                        cut = True
+                        break
+                    *ended, rest = line.split(EOT)
+                    for piece in ended:
+                        text, bad = _decode(b"".join(story + [piece]))
+                        n_bad, separated, story = n_bad + bad, True, []
+                        if text := text.strip():
+                            yield text
+                    story.append(rest)
+        except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+            raise DataError(_read_error(path, err)) from None
+        last, bad = ("", 0) if cut else _decode(b"".join(story))  # a last story with no separator
+        if last.strip() and not separated:
+            raise DataError(f"{path} has no <|endoftext|> separator at all: each story must end with a line "
+                            "holding only <|endoftext|>, as in TinyStories-train.txt")
+        if warn and n_bad + bad:
+            n = n_bad + bad
+            tqdm.write(f"data: warning: {n:,} byte{'s' * (n != 1)} of {path} {'are' if n != 1 else 'is'} not "
+                       "valid UTF-8 and became U+FFFD (convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8)",
+                       file=sys.stderr)  # tqdm.write: on a line of its own, not glued to a progress bar
+        if last := last.strip():
+            yield last
+        if cut:
+            return
 
 
 def split_stories(files: dict, max_bytes: int):
     """(train stories, val stories, note): val from the val files, else the last 5% of the train stories."""
     if files["val"]:
         return iter_stories(files["train"], max_bytes), iter_stories(files["val"]), "val files"
-    n = sum(1 for _ in iter_stories(files["train"], max_bytes))
+    n = sum(1 for _ in iter_stories(files["train"], max_bytes))  # this pass warns; the two below stay quiet
     n_val = round(n * HOLDOUT_FRACTION)
     if n_val < 1:
         raise DataError(f"{files['train'][0]} has {n} stories, too few to hold out a val split; "
                         "add a file whose name contains 'valid'")
     note = f"held out the last {n_val} of {n} train stories as val (no val file)"
     print(f"data: {note}")
-    return (islice(iter_stories(files["train"], max_bytes), n - n_val),
-            islice(iter_stories(files["train"], max_bytes), n - n_val, None), note)
+    return (islice(iter_stories(files["train"], max_bytes, warn=False), n - n_val),
+            islice(iter_stories(files["train"], max_bytes, warn=False), n - n_val, None), note)
 
 
 # -----------------------------------------------------------------------------
@@ -239,16 +301,28 @@ def _write_mapped(src: Path, dst: Path, lookup: np.ndarray):
     os.replace(tmp, dst)
 
 
+def make_data_dir(data_dir: str) -> Path:
+    """The --data_dir folder, made if missing; a one-line DataError if it cannot be a folder."""
+    out = Path(data_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--data_dir={data_dir} is a file, not a folder; pass a folder (it is made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--data_dir={data_dir}: cannot make that folder ({err.strerror or err}); "
+                        "choose another") from None
+    return out
+
+
+def source_key(source: str) -> str:
+    """--source as meta.json records it: absolute, so another spelling of the same path still matches."""
+    return str(Path(source).expanduser().resolve()) if source else ""
+
+
 def prepare(cfg: DataConfig) -> dict:
     """Get the text, tokenize it and write train.bin, val.bin and meta.json into cfg.data_dir; return meta."""
     t0 = time.time()
-    if cfg.vocab not in ("compact", "gpt2"):
-        raise DataError(f"vocab must be 'compact' or 'gpt2', not {cfg.vocab!r}")
-    if not 0 <= cfg.max_train_mb < float("inf"):
-        raise DataError(f"max_train_mb must be >= 0 (0 = all of train), not {cfg.max_train_mb}")
-    out, max_bytes = Path(cfg.data_dir), int(cfg.max_train_mb * MB)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # an interrupted run must not leave old meta beside new bins
+    out, max_bytes = make_data_dir(cfg.data_dir), int(cfg.max_train_mb * MB)
     gpt2_encoding()  # fail before any download if the tokenizer cannot load
     if cfg.source:
         files = find_source_files(cfg.source)
@@ -274,6 +348,8 @@ def prepare(cfg: DataConfig) -> dict:
             gpt2_ids, unk_id = np.arange(GPT2_VOCAB_SIZE), None
         lookup = np.full(GPT2_VOCAB_SIZE, len(gpt2_ids), dtype=np.uint16)  # gpt2 id -> model id; unseen -> <unk>
         lookup[gpt2_ids] = np.arange(len(gpt2_ids))
+        # The old files stayed usable until now; from here on, old meta must not sit beside new bins.
+        (out / "meta.json").unlink(missing_ok=True)
         for split in SPLITS:
             _write_mapped(tmp[split], out / f"{split}.bin", lookup)
     finally:
@@ -283,7 +359,7 @@ def prepare(cfg: DataConfig) -> dict:
     n_tokens = {split: int(counts[split].sum()) for split in SPLITS}
     val_unk = int(counts["val"][counts["train"] == 0].sum()) if unk_id is not None else 0
     meta = {
-        "source": str(Path(cfg.source).expanduser().resolve()) if cfg.source else "",
+        "source": source_key(cfg.source),
         "files": {split: [str(p) for p in files[split]] for split in SPLITS},
         "val_from": val_note,
         "max_train_mb": float(cfg.max_train_mb),
@@ -311,22 +387,88 @@ def prepare(cfg: DataConfig) -> dict:
     return meta
 
 
+# What the code reads from meta.json, and the JSON types it must have.
+META_TYPES = {"source": str, "vocab": str, "max_train_mb": (int, float), "vocab_size": int, "eot_id": int,
+              "train_tokens": int, "val_tokens": int, "gpt2_ids": (list, type(None))}
+
+
+def rebuild_command(data_dir, meta: dict | None = None) -> str:
+    """The data.py command that writes data_dir again, with meta's settings when they are known."""
+    args = [f"--data_dir={data_dir}"]
+    if meta is None:
+        return f"python data.py {shlex.quote(args[0])} plus the --source, --vocab and --max_train_mb it was made with"
+    default = DataConfig()
+    if meta["source"]:
+        args.append(f"--source={meta['source']}")
+    if meta["vocab"] != default.vocab:
+        args.append(f"--vocab={meta['vocab']}")
+    if meta["max_train_mb"] != default.max_train_mb:
+        args.append(f"--max_train_mb={float(meta['max_train_mb'])!r}")
+    return " ".join(["python data.py"] + [shlex.quote(a) for a in args])
+
+
+def meta_problem(meta) -> str:
+    """What makes a parsed meta.json unusable, or "" if nothing does."""
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    missing = [key for key in META_TYPES if key not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key, types in META_TYPES.items():
+        if isinstance(meta[key], bool) or not isinstance(meta[key], types):
+            return f"has a {type(meta[key]).__name__} for {key}"
+    if meta["vocab"] not in VOCABS:
+        return f"has vocab {meta['vocab']!r}, not compact or gpt2"
+    ids = meta["gpt2_ids"]
+    if ids is not None and not all(type(i) is int and 0 <= i < GPT2_VOCAB_SIZE for i in ids):
+        return f"has gpt2_ids outside 0..{GPT2_VOCAB_SIZE - 1}"
+    n_ids = GPT2_VOCAB_SIZE if ids is None else len(ids) + 1  # the compact vocabulary adds <unk>
+    if meta["vocab_size"] != n_ids:
+        return f"says vocab_size {meta['vocab_size']:,} but its gpt2_ids make {n_ids:,}"
+    return ""
+
+
 def load_meta(data_dir) -> dict:
+    """meta.json of data_dir, checked to be whole: a damaged one is a StaleData error saying how to rebuild."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise DataError(f"no {path}; run `python data.py --data_dir={data_dir}` (add --source=PATH offline)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err})") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        raise StaleData(f"{path} is not valid JSON (cut short or edited)", rebuild_command(data_dir)) from None
+    if problem := meta_problem(meta):
+        raise StaleData(f"{path} {problem}", rebuild_command(data_dir))
+    return meta
+
+
+def settings_changed(meta: dict, cfg: DataConfig) -> str:
+    """'vocab: gpt2 -> compact, ...' for each setting that differs between meta's files and cfg; "" if none."""
+    now = {"source": source_key(cfg.source), "vocab": cfg.vocab, "max_train_mb": float(cfg.max_train_mb)}
+    shown = {"source": lambda s: s or "(download)"}
+    return ", ".join(f"{key}: {shown.get(key, str)(meta[key])} -> {shown.get(key, str)(value)}"
+                     for key, value in now.items() if meta[key] != value)
 
 
 def load_or_prepare(cfg: DataConfig) -> dict:
-    """Reuse the files in cfg.data_dir if they were made from the same source, vocab and size; else prepare."""
+    """Reuse the files in cfg.data_dir if they are whole and were made with cfg's source, vocab and size;
+    else prepare them again, saying why (they are derived from the text, so nothing is lost)."""
     out = Path(cfg.data_dir)
-    if all((out / name).exists() for name in ("meta.json", "train.bin", "val.bin")):
+    if not (out / "meta.json").is_file():  # a first run, or a prepare that was interrupted
+        return prepare(cfg)
+    try:
         meta = load_meta(out)
-        source = str(Path(cfg.source).expanduser().resolve()) if cfg.source else ""
-        if (meta["source"], meta["vocab"], meta["max_train_mb"]) == (source, cfg.vocab, float(cfg.max_train_mb)):
-            return meta
-    return prepare(cfg)
+        if changed := settings_changed(meta, cfg):
+            print(f"data: {out} was prepared with other settings ({changed}); preparing the data again")
+            return prepare(cfg)
+        for split in SPLITS:
+            load_tokens(out, split, meta)
+        return meta
+    except StaleData as err:
+        print(f"data: {err.problem}; preparing the data again")
+        return prepare(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -376,11 +518,30 @@ class Tokenizer:
 # Batches for training and evaluation
 
 
-def load_tokens(data_dir, split: str) -> np.memmap:
+def load_tokens(data_dir, split: str, meta: dict | None = None) -> np.memmap:
+    """split's token ids, as a read-only memmap. With meta (from load_meta), the file must be the one meta
+    describes: as many tokens, none outside the vocabulary. Otherwise it is a StaleData error."""
     path = Path(data_dir) / f"{split}.bin"
-    if not path.exists() or path.stat().st_size == 0:
+    n_bytes = path.stat().st_size if path.is_file() else 0
+    if meta is not None and n_bytes != 2 * meta[f"{split}_tokens"]:
+        if not path.is_file():
+            held = "is missing"
+        elif n_bytes % 2:
+            held = f"has an odd size ({n_bytes:,} bytes)"
+        else:
+            held = f"holds {n_bytes // 2:,} tokens"
+        raise StaleData(f"{path} {held} but {Path(data_dir) / 'meta.json'} says {meta[f'{split}_tokens']:,} "
+                        "(cut short, or written by another run)", rebuild_command(data_dir, meta))
+    if n_bytes == 0:
         raise DataError(f"no tokens in {path}; run `python data.py --data_dir={data_dir}` (add --source=PATH offline)")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    if n_bytes % 2:
+        raise StaleData(f"{path} has an odd size ({n_bytes:,} bytes), so it is not a file of 2-byte token ids",
+                        rebuild_command(data_dir))
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if meta is not None and (top := int(tokens.max())) >= meta["vocab_size"]:
+        raise StaleData(f"{path} holds token id {top:,} but {Path(data_dir) / 'meta.json'} says the vocabulary "
+                        f"has {meta['vocab_size']:,} ids (written by another run?)", rebuild_command(data_dir, meta))
+    return tokens
 
 
 def _check_length(n_tokens: int, block_size: int, what: str):
@@ -397,12 +558,17 @@ def batch_at(tokens, starts, block_size: int, device):
     return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
-def get_batch(tokens, batch_size: int, block_size: int, rng: np.random.Generator, device):
-    """batch_size random windows of block_size + 1 tokens -> x, y (B, T) int64 on device."""
+def get_batch(tokens, batch_size: int, block_size: int, rng: np.random.Generator, device, rank: int = 0,
+              world: int = 1):
+    """This rank's share of batch_size * world random windows of block_size + 1 tokens -> x, y (B, T) int64.
+
+    Every rank draws the whole global batch from an rng seeded alike and keeps its own slice, so a DDP run
+    sees the same data as one process with batch_size * world (and world=1 is a plain draw of batch_size).
+    """
     filename = getattr(tokens, "filename", None)  # a memmap knows its file, which names the split
     _check_length(len(tokens), block_size, f"the {Path(filename).stem} split" if filename else "the token array")
-    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
-    return batch_at(tokens, starts, block_size, device)
+    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size * world)
+    return batch_at(tokens, starts[rank * batch_size:(rank + 1) * batch_size], block_size, device)
 
 
 def val_starts(n_tokens: int, n_windows: int, block_size: int, seed: int = 1234) -> np.ndarray:
@@ -412,42 +578,17 @@ def val_starts(n_tokens: int, n_windows: int, block_size: int, seed: int = 1234)
 
 
 # -----------------------------------------------------------------------------
-# Command line: python data.py [--source=PATH] [--data_dir=data] [--vocab=compact|gpt2] [--max_train_mb=N]
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, without argparse's usage block
-        print(f"data.py: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _megabytes(value: str) -> float:
-    try:
-        mb = float(value)
-    except ValueError:
-        mb = -1.0
-    if not 0 <= mb < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of MiB >= 0 (0 = all), not {value!r}")
-    return mb
-
-
-def parse_args(argv) -> DataConfig:
-    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             allow_abbrev=False)
-    parser.add_argument("--source", default="", help="local .txt/.txt.gz file or folder (default: download)")
-    parser.add_argument("--data_dir", default="data", help="where train.bin, val.bin, meta.json go")
-    parser.add_argument("--vocab", default="compact", choices=["compact", "gpt2"])
-    parser.add_argument("--max_train_mb", type=_megabytes, default=0.0, help="use only the first N MiB of train")
-    return DataConfig(**vars(parser.parse_args(argv)))
+# Command line: python data.py [--source=PATH] [--data_dir=data] [--vocab=compact|gpt2] [--max_train_mb=N];
+# --help lists the flags with their defaults.
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        prepare(cfg)
+        prepare(cli.parse(DataConfig(), sys.argv[1:] if argv is None else argv, __doc__))
+    except cli.ConfigError as err:
+        cli.fail(err, 2)
     except DataError as err:
-        print(f"data.py: error: {err}", file=sys.stderr)
-        return 1
+        cli.fail(err, 1)
     except KeyboardInterrupt:
         print("data.py: interrupted; rerun to resume", file=sys.stderr)
         return 130

@@ -11,9 +11,9 @@ residual stream of a few chosen blocks. The file follows the paper's Section 2:
   4. context-aware gating    alpha_t from <RMSNorm(W_K e_t), RMSNorm(h_t)>
   5. short convolution       causal depthwise conv over the gated values
 
-The hashes depend only on token ids, so EngramHasher computes every Engram layer's
-rows once per forward (and could do so ahead of time, which is the paper's systems
-argument); each Engram layer then only gathers and mixes.
+The hashes depend only on token ids, so the canonical ids are computed once per
+forward for every Engram layer (TokenizerCompression), and could be hashed ahead of
+time, which is the paper's systems argument; each layer then looks up and mixes.
 """
 import math
 import re
@@ -21,8 +21,11 @@ import unicodedata
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import kernels  # the hash-and-gather of §2-3: a Triton kernel on a GPU, plain PyTorch otherwise
 
 
 @dataclass
@@ -38,6 +41,7 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
     engram_seed: int = 0                        # seeds the hash multipliers
     engram_lr_mult: float = 5.0                 # tables: Adam lr x 5 (paper's setting)
     engram_weight_decay: float = 0.0            # tables: no weight decay (paper's setting)
+    engram_sparse: bool = False                 # train the tables sparsely: only the rows a batch looked up (§3)
 
     def __post_init__(self):
         orders = self.ngram_orders
@@ -48,6 +52,9 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
                              f"engram_heads_per_order={self.engram_heads_per_order} heads")
         if self.engram_rows_per_head < 2 or self.engram_kernel_size < 1:
             raise ValueError("engram_rows_per_head must be >= 2 and engram_kernel_size >= 1")
+        if self.engram_sparse and self.engram_weight_decay:
+            raise ValueError(f"--engram_weight_decay={self.engram_weight_decay} needs --engram_sparse=false: "
+                             "the sparse (lazy Adam) table update has no weight decay")
 
 
 # -----------------------------------------------------------------------------
@@ -84,11 +91,50 @@ def compression_reduction(canonical_ids: torch.Tensor) -> float:
     return 1.0 - n_canonical / len(canonical_ids)
 
 
+class TokenizerCompression(nn.Module):
+    """Token ids -> canonical ids with max_order-1 columns of left context: what every Engram
+    layer hashes, computed once per forward for all of them (no parameters).
+
+    Buffers (they follow .to(device) and are saved in checkpoints): canonical_ids (V,) and
+    pad_id, a 0-dim tensor one past the last canonical id, so it is no real token.
+    """
+
+    def __init__(self, cfg: EngramConfig, vocab_size: int, token_bytes: list[bytes] | None = None):
+        super().__init__()
+        self.max_order = max(cfg.ngram_orders)
+        if cfg.engram_compress and token_bytes is not None:
+            if len(token_bytes) != vocab_size:
+                raise ValueError(f"need one byte string per token id: {len(token_bytes)} for {vocab_size} ids")
+            canonical_ids = build_canonical_ids(token_bytes)
+        else:
+            canonical_ids = torch.arange(vocab_size)  # compression off: identity
+        self.n_canonical = int(canonical_ids.max()) + 1  # V'
+        self.reduction = compression_reduction(canonical_ids)
+        self.register_buffer("canonical_ids", canonical_ids)
+        self.register_buffer("pad_id", torch.tensor(self.n_canonical))
+
+    def forward(self, ids, prefix=None):
+        """(B, T) ids [+ (B, P) previous ids] -> (B, P+T) canonical ids, P = max_order-1.
+        Without prefix the left context is pads; inside prefix, an id < 0 also means
+        "before the start of the sequence" (pad), for a decode that has seen < P tokens."""
+        B, P = ids.shape[0], self.max_order - 1
+        canon = self.canonical_ids[ids]  # (B, T)
+        if prefix is None:
+            left = self.pad_id.expand(B, P)
+        else:
+            left = torch.where(prefix >= 0, self.canonical_ids[prefix.clamp_min(0)], self.pad_id)  # (B, P)
+        return torch.cat([left, canon], dim=1)  # (B, P+T)
+
+
 # -----------------------------------------------------------------------------
 # 2. Multi-head hashing (§2.2)
 # Each of K heads hashes the N-gram into its own table. The table sizes are distinct
 # primes, so two N-grams that collide in one head almost never collide in the others,
-# and the model can tell them apart from the concatenation of all heads.
+# and the model can tell them apart from the concatenation of all heads:
+#     hash(n, head)_t = (XOR_{j<n} c_{t-j} * m_j) mod p_head     c: canonical ids, m: odd multipliers
+# The arithmetic itself, fused with the gather of §3, is kernels.engram_lookup: one Triton
+# kernel on a GPU, and beside it its plain-PyTorch reference (kernels.hash_ngrams), which
+# is what runs on a CPU. Here: the primes, the multipliers and the left context it reads.
 
 def is_prime(n: int) -> bool:
     """Trial division by 2, 3 and numbers 6k +- 1 up to sqrt(n); fast enough for tables of 1e9 rows."""
@@ -121,97 +167,31 @@ def head_table_sizes(cfg: EngramConfig) -> list[list[int]]:
     return sizes
 
 
-def hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order):
-    """Plain-PyTorch multi-head N-gram hash: the reference a fused kernel must match.
-
-    context:      (B, P+T) canonical ids; the first P = max_order-1 are left context
-                  (previous tokens or the pad id), so position t's N-gram is complete
-    multipliers:  (L, max_order) odd int64, one per layer and per place j in the N-gram
-    head_primes:  (L, H) table size of each head;  head_offsets: (L, H) its first row
-    returns:      (L, B, T, H) int64 rows into each layer's single embedding table
-
-    hash(layer, n, head)_t = (XOR_{j<n} c_{t-j} * m[layer, j]) mod p[layer, head]
-    Every c < pad+1 and every m < 2**62 // (pad+1), so no product overflows int64 and the
-    XOR stays non-negative: the modulo is a plain non-negative remainder.
-    """
-    max_order = multipliers.shape[1]
-    T = context.shape[1] - (max_order - 1)
-    mixes, mix = {}, None
-    for j in range(max_order):  # j = 0 is the current token, j = 1 the one before, ...
-        start = max_order - 1 - j
-        token_j = context[:, start:start + T]  # (B, T): c_{t-j}
-        term = token_j[None] * multipliers[:, j, None, None]  # (L, B, T)
-        mix = term if mix is None else torch.bitwise_xor(mix, term)
-        mixes[j + 1] = mix  # (L, B, T): hash of the suffix (j+1)-gram, before the modulo
-    rows = []
-    for i, n in enumerate(ngram_orders):
-        primes = head_primes[:, None, None, i * heads_per_order:(i + 1) * heads_per_order]  # (L, 1, 1, K)
-        rows.append(mixes[n][..., None] % primes)  # (L, B, T, K)
-    rows = torch.cat(rows, dim=-1)  # (L, B, T, H), heads order-major as in head_table_sizes
-    return rows + head_offsets[:, None, None, :]
+def hash_multipliers(cfg: EngramConfig, n_canonical: int) -> torch.Tensor:
+    """(L, max_order) odd int64 multipliers, a fresh draw per layer so that each layer's hash is
+    independent. Bounded so that c * m < 2**62 for every id c <= pad id (= n_canonical): the
+    products cannot overflow int64 and the XOR of them stays non-negative."""
+    bound = 2**62 // (n_canonical + 1)
+    gen = torch.Generator().manual_seed(cfg.engram_seed)
+    half = torch.randint(0, bound // 2, (len(cfg.engram_layers), max(cfg.ngram_orders)), generator=gen)
+    return 2 * half + 1
 
 
-class EngramHasher(nn.Module):
-    """Token ids -> every Engram layer's table rows, once per forward (no parameters).
-
-    All state is in buffers (so it follows .to(device) and is saved in checkpoints):
-    canonical_ids (V,), multipliers (L, max_order), head_primes / head_offsets (L, H),
-    pad_id (a 0-dim tensor: one past the last canonical id, so it is no real token).
-    """
-
-    def __init__(self, cfg: EngramConfig, vocab_size: int, token_bytes: list[bytes] | None = None):
-        super().__init__()
-        self.ngram_orders = tuple(cfg.ngram_orders)
-        assert len(set(self.ngram_orders)) == len(self.ngram_orders) and min(self.ngram_orders) >= 1
-        self.heads_per_order = cfg.engram_heads_per_order
-        self.max_order = max(self.ngram_orders)
-        if cfg.engram_compress and token_bytes is not None:
-            assert len(token_bytes) == vocab_size, "need one byte string per token id"
-            canonical_ids = build_canonical_ids(token_bytes)
-        else:
-            canonical_ids = torch.arange(vocab_size)  # compression off: identity
-        self.n_canonical = int(canonical_ids.max()) + 1  # V'
-        self.reduction = compression_reduction(canonical_ids)
-        # Odd random multipliers from a seeded generator, bounded so c * m < 2**62 for every
-        # id c <= pad_id; a fresh draw per layer makes each layer's hash independent.
-        bound = 2**62 // (self.n_canonical + 1)
-        gen = torch.Generator().manual_seed(cfg.engram_seed)
-        half = torch.randint(0, bound // 2, (len(cfg.engram_layers), self.max_order), generator=gen)
-        primes = torch.tensor(head_table_sizes(cfg), dtype=torch.long)  # (L, H)
-        self.register_buffer("canonical_ids", canonical_ids)
-        self.register_buffer("multipliers", 2 * half + 1)
-        self.register_buffer("head_primes", primes)
-        self.register_buffer("head_offsets", primes.cumsum(dim=1) - primes)  # exclusive prefix sum
-        self.register_buffer("pad_id", torch.tensor(self.n_canonical))
-
-    def canonical_context(self, ids, prefix=None):
-        """(B, T) ids [+ (B, P) previous ids] -> (B, P+T) canonical ids, P = max_order-1.
-        Without prefix the left context is pads; inside prefix, an id < 0 also means
-        "before the start of the sequence" (pad), for a decode that has seen < P tokens."""
-        B, P = ids.shape[0], self.max_order - 1
-        canon = self.canonical_ids[ids]  # (B, T)
-        if prefix is None:
-            left = self.pad_id.expand(B, P)
-        else:
-            assert prefix.shape == (B, P), f"prefix must be (B, {P}) previous ids"
-            left = torch.where(prefix >= 0, self.canonical_ids[prefix.clamp_min(0)], self.pad_id)
-        return torch.cat([left, canon], dim=1)  # (B, P+T)
-
-    def forward(self, ids, prefix=None):
-        # ids (B, T), prefix (B, max_order-1) or None -> (L, B, T, H) rows
-        context = self.canonical_context(ids, prefix)
-        return hash_ngrams(context, self.multipliers, self.head_primes, self.head_offsets,
-                           self.ngram_orders, self.heads_per_order)
+def table_params(cfg: EngramConfig) -> int:
+    """Parameters in all Engram tables of a model with this config (their rows times head_dim)."""
+    return cfg.engram_dim_per_order // cfg.engram_heads_per_order * sum(map(sum, head_table_sizes(cfg)))
 
 
 # -----------------------------------------------------------------------------
 # 3. Multi-head embedding (§2.2): one table for all heads of a layer; a head's rows
-# start at its offset, so one gather fetches every head.
-
-def gather_memory(table, rows):
-    """table (sum of primes, head_dim), rows (B, T, H) -> e_t (B, T, H * head_dim)."""
-    return F.embedding(rows, table).flatten(-2)  # heads concatenated: order-major, as the rows
-
+# start at its offset (the sum of the sizes before it), so one gather fetches every
+# head, and e_t is the heads' rows side by side, order-major.
+#
+# Sparse training: a step touches only the rows its batch looked up (16 x 128 tokens x
+# 8 heads = 16K of them, however large the table), so with engram_sparse the table's
+# gradient is those rows and their values (a sparse COO tensor, never table-sized),
+# and GPT.configure_optimizer updates just them with lazy Adam (torch.optim.SparseAdam).
+# That is how the table can grow 1000x at a flat step cost (the paper's systems claim).
 
 # -----------------------------------------------------------------------------
 # 4. Context-aware gating (§2.3)
@@ -260,20 +240,21 @@ class ShortConv(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The Engram layer: Y = V~ + SiLU(Conv(RMSNorm(V~))), with V~ = alpha * W_V e. The model
-# adds Y to the residual stream before attention: h = h + engram(h, rows).
+# adds Y to the residual stream before attention: h = h + engram(h, context).
 
 class Engram(nn.Module):
-    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int = 0):
-        # layer_slot indexes cfg.engram_layers: it picks this layer's table sizes and its
-        # rows out of EngramHasher's output (rows_all[layer_slot])
+    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int, n_canonical: int):
+        # layer_slot indexes cfg.engram_layers: it picks this layer's table sizes and hash
+        # multipliers; n_canonical (TokenizerCompression.n_canonical) bounds the multipliers
         super().__init__()
-        n_heads = len(cfg.ngram_orders) * cfg.engram_heads_per_order
-        assert cfg.engram_dim_per_order % cfg.engram_heads_per_order == 0
         head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
         d_mem = len(cfg.ngram_orders) * cfg.engram_dim_per_order  # size of e_t
-        self.cfg, self.n_heads, self.use_gate = cfg, n_heads, cfg.engram_gate
-        self.head_sizes = head_table_sizes(cfg)[layer_slot]
-        self.table = nn.Embedding(sum(self.head_sizes), head_dim)  # all heads, offset by the hasher
+        self.cfg, self.use_gate = cfg, cfg.engram_gate
+        primes = torch.tensor(head_table_sizes(cfg)[layer_slot])  # (H,) one table size per head
+        self.register_buffer("multipliers", hash_multipliers(cfg, n_canonical)[layer_slot])  # (max_order,)
+        self.register_buffer("head_primes", primes)
+        self.register_buffer("head_offsets", primes.cumsum(0) - primes)  # (H,) each head's first row
+        self.table = nn.Embedding(int(primes.sum()), head_dim, sparse=cfg.engram_sparse)  # every head's rows
         self.value_proj = nn.Linear(d_mem, dim, bias=False)  # W_V
         if self.use_gate:
             self.key_proj = nn.Linear(d_mem, dim, bias=False)  # W_K
@@ -292,10 +273,11 @@ class Engram(nn.Module):
         nn.init.normal_(self.table.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.short_conv.conv.weight)
 
-    def forward(self, h, rows, cache: dict | None = None, memory=None):
-        # h (B, T, dim) hidden states, rows (B, T, H) this layer's rows -> (B, T, dim).
-        # memory: e_t already fetched (kernels.engram_lookup fuses hashing and gather), else None.
-        e = gather_memory(self.table.weight, rows) if memory is None else memory  # (B, T, d_mem)  e_t
+    def forward(self, h, context, cache: dict | None = None):
+        # h (B, T, dim) hidden states, context (B, P+T) canonical ids (TokenizerCompression) -> (B, T, dim)
+        e = kernels.engram_lookup(context, self.multipliers, self.head_primes, self.head_offsets,
+                                  self.cfg.ngram_orders, self.cfg.engram_heads_per_order, self.table.weight,
+                                  sparse=self.table.sparse)  # (B, T, d_mem)  e_t: every head's row, side by side
         value = self.value_proj(e)  # (B, T, dim)  v_t = W_V e_t
         if self.use_gate:
             key = self.key_proj(e)  # (B, T, dim)  k_t = W_K e_t
@@ -305,10 +287,28 @@ class Engram(nn.Module):
         return value + self.short_conv(value, cache)  # (B, T, dim)
 
     def custom_param_groups(self) -> list[dict]:
-        # the tables get their own optimiser group: Adam lr x 5, no weight decay (paper)
+        # the tables get their own optimiser group: Adam lr x 5, no weight decay (paper);
+        # 'sparse' sends it to lazy Adam (GPT.configure_optimizer)
         return [{"params": [self.table.weight], "lr_mult": self.cfg.engram_lr_mult,
-                 "weight_decay": self.cfg.engram_weight_decay}]
+                 "weight_decay": self.cfg.engram_weight_decay, "sparse": self.table.sparse}]
 
     def n_table_params(self) -> int:
         # looked up, not multiplied: not "active" compute parameters
         return self.table.weight.numel()
+
+    def average_table_grad(self):
+        """DDP for the sparse table gradient (DDP itself skips the table): every rank's touched
+        rows and their values are gathered and divided by the world size, as DDP averages a
+        dense gradient. Nothing table-sized is formed; all_gather needs equal sizes, hence the pad."""
+        grad, world = self.table.weight.grad.coalesce(), dist.get_world_size()
+        count = torch.tensor([grad._nnz()], device=grad.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        pad = int(max(counts)) - grad._nnz()
+        rows, values = F.pad(grad._indices()[0], (0, pad)), F.pad(grad._values(), (0, 0, 0, pad))
+        all_rows, all_values = [torch.empty_like(rows) for _ in counts], [torch.empty_like(values) for _ in counts]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_values, values)
+        rows = torch.cat([r[:int(n)] for r, n in zip(all_rows, counts)])  # (sum of counts,)
+        values = torch.cat([v[:int(n)] for v, n in zip(all_values, counts)]) / world  # (sum of counts, head_dim)
+        self.table.weight.grad = torch.sparse_coo_tensor(rows[None], values, grad.shape)

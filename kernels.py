@@ -4,59 +4,99 @@
   2. moe_grouped_swiglu     all routed experts' SwiGLU as grouped GEMMs        (moe.py, DeepSeekMoE)
   3. mla_decode_attention   MLA's absorbed attention for one new token, split-KV (mla.py, DeepSeek-V2 §2.1.2)
 
-Every public function takes mode = "auto" | "triton" | "torch" (the --kernels flag):
-"torch" runs the reference, "triton" the kernel, "auto" the kernel on CUDA tensors when triton is
-installed and the reference otherwise. This file imports without triton; it is the only file that
-imports triton at all.
+One switch, like DeepSeek-V3's gemm_impl: the scripts call set_mode(--kernels, device) once and every
+op reads `mode`. "torch" runs the reference, "triton" the kernel, "auto" the kernel on CUDA tensors when
+triton is installed. This file imports nothing from the project and works without triton; no other file
+imports triton. Each section reads as the Triton tutorials do: the idea and its memory traffic, the
+PyTorch reference, the forward kernel, the backward kernel(s), the autograd Function and the public op.
 
-TRITON_INTERPRET=1 runs the kernels on the CPU in Triton's interpreter (that is how the tests check
-them without a GPU). The @triton.jit decorators read that variable once, when this file is first
-imported, so it must be set before that. "auto" never picks the interpreter (it is far too slow to
-be a default); pass mode="triton" to use it.
+TRITON_INTERPRET=1 runs the kernels on the CPU in Triton's interpreter (how the tests check them without
+a GPU). @triton.jit reads it once, when this file is imported, so it must be set before. "auto" never
+picks the interpreter (far too slow for a default); --kernels=triton does.
 """
 import functools
 import math
 import os
+from types import SimpleNamespace
 
 import torch
-
-# module imports, not `from ... import`: engram.py, moe.py and mla.py may import this file at their top
-import engram
-import moe
+import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
     HAVE_TRITON = True
-except ImportError:
+except ImportError:  # the kernels below are still defined, so the file reads the same, but never launched
     HAVE_TRITON = False
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **_: (lambda fn: fn),
+                             Config=lambda *_, **__: None, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=None)  # only the kernels' annotations read it
 
 # whether the kernels below were built for the interpreter (fixed at import, as triton.jit does)
 INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-KERNEL_MODES = ("auto", "triton", "torch")
+# Tiles and autotune configs. The interpreter gains nothing from tuning: one config per kernel, with
+# blocks small next to the tests' shapes so that they cross block edges. On a GPU the first configs
+# suit sm90 (228 KB shared memory); the tuner skips those that do not fit an older GPU.
+if INTERPRET:
+    ENGRAM_CONFIGS = [triton.Config({"BLOCK_T": 16}, num_warps=1)]
+    ENGRAM_BACKWARD_BLOCK_T, ENGRAM_BACKWARD_WARPS = 16, 1
+    GROUPED_BLOCK_M = 16
+    GROUPED_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1)]
+    WEIGHT_GRAD_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32, "BLOCK_K": 16}, num_warps=1)]
+    MLA_DECODE_CONFIGS = [triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=1)]
+    DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 16, 16
+else:
+    ENGRAM_CONFIGS = [
+        triton.Config({"BLOCK_T": 64}, num_warps=2),
+        triton.Config({"BLOCK_T": 128}, num_warps=4),
+        triton.Config({"BLOCK_T": 256}, num_warps=8),
+    ]
+    ENGRAM_BACKWARD_BLOCK_T, ENGRAM_BACKWARD_WARPS = 128, 4
+    GROUPED_BLOCK_M = 64  # rows per tile: fixed by the tile schedule; N, K blocks and pipelining are tuned
+    GROUPED_CONFIGS = [
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ]
+    WEIGHT_GRAD_CONFIGS = [
+        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ]
+    MLA_DECODE_CONFIGS = [
+        triton.Config({"BLOCK_H": 16, "BLOCK_S": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_H": 16, "BLOCK_S": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_H": 32, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_H": 64, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),  # fits any GPU's shared memory
+    ]
+    DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 256, 64
+
+MODES = ("auto", "triton", "torch")
+mode = "auto"  # set once by the scripts from --kernels (set_mode); read by every op below
 
 
-def use_triton(mode: str, device) -> bool:
-    """Resolve --kernels for tensors on `device`: True = run the Triton kernel."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"--kernels={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
-    if mode == "torch":
-        return False
-    on_cuda = torch.device(device).type == "cuda"
-    if mode == "auto":
-        return HAVE_TRITON and on_cuda and not INTERPRET
-    if not HAVE_TRITON:
+def set_mode(new_mode: str, device="cpu") -> None:
+    """Validate --kernels for the device the model runs on, then set the module-level mode."""
+    global mode
+    if new_mode not in MODES:
+        raise ValueError(f"--kernels={new_mode!r}: expected one of {', '.join(MODES)}")
+    if new_mode == "triton" and not HAVE_TRITON:
         raise ValueError("--kernels=triton: triton is not installed; use --kernels=torch (or auto)")
-    if not (on_cuda or INTERPRET):
+    if new_mode == "triton" and torch.device(device).type != "cuda" and not INTERPRET:
         raise ValueError(f"--kernels=triton: the tensors are on {torch.device(device)}, and the Triton kernels "
                          "need a CUDA GPU (or TRITON_INTERPRET=1 set before kernels.py is imported, to "
                          "run them slowly on the CPU); use --kernels=torch or auto")
-    return True
+    mode = new_mode
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def use_triton(device) -> bool:
+    """True when the ops below should run their Triton kernel for tensors on `device`."""
+    if mode == "auto":
+        return HAVE_TRITON and torch.device(device).type == "cuda" and not INTERPRET
+    return mode == "triton"
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -73,76 +113,121 @@ def _dot_precision(dtype) -> str:
 
 # -----------------------------------------------------------------------------
 # 1. Engram fused lookup (paper §2.2): canonical ids -> every head's hash -> gathered rows
+#
+#   for each (block of BLOCK_T tokens t, head h):        one program, the hash in registers
+#       mix = XOR_{j<n_h} c[t-j] * m[j]                  the <= max_order ids of t's N-gram
+#       e[t, h's slice] = table[mix % p[h] + offset[h]]  one table for all heads
+#
+# Memory traffic: the ids once (8 B per token; the other heads' re-reads hit L2), the gathered rows
+# (n_tokens * H * head_dim * elem) and as much again for the output (engram_lookup_bytes). The reference
+# adds int64 passes (per order a (B, T) product and XOR, then (B, T, H) tensors for the modulo, the
+# concatenation and the offset add, read back by the gather): some 7H int64 reads and writes per token,
+# as many bytes as the rows themselves when a row is 32 bf16 values.
+#
+# Backward, with the rows recomputed from the ids. Dense: tl.atomic_add of each (token, head) gradient
+# row into a float32 table gradient. Atomics, not sort-then-segment-sum, because conflicts are rare: a
+# table has far more rows than a batch has (token, head) pairs; only frequent N-grams (", and") collect
+# many additions, and those serialise in L2 at a cost far below sorting n_tokens * H int64 keys. The
+# price: additions to one row land in no fixed order, so the gradient is reproducible to rounding only.
+# Sparse (as F.embedding(sparse=True)): a kernel stores the (n_tokens, H) rows, and the gradient is the
+# COO tensor (rows, grad_out as (n_tokens * H, head_dim)): nothing table-sized is allocated or written.
 
-def engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order, table):
-    """engram.py's own two steps for one layer: hash_ngrams, then gather_memory.
-    context (B, P+T) canonical ids with P = max_order-1 left columns (EngramHasher.canonical_context);
-    multipliers (max_order,), head_primes / head_offsets (H,): that layer's rows of the hasher's buffers;
-    table (sum of primes, head_dim). Returns e_t (B, T, H * head_dim)."""
-    rows = engram.hash_ngrams(context, multipliers[None], head_primes[None], head_offsets[None],
-                              ngram_orders, heads_per_order)[0]  # (B, T, H) int64
-    return engram.gather_memory(table, rows)
+def hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order):
+    """Multi-head N-gram hash of one Engram layer: rows (B, T, H) int64 into its table.
+
+    context (B, P+T) canonical ids, the first P = max_order-1 the left context (earlier ids or the pad
+    id) that completes the first N-grams; multipliers (max_order,) odd; head_primes, head_offsets (H,)
+    each head's table size and first row, heads order-major (all of ngram_orders[0] first).
+    row(n, head)_t = (XOR_{j<n} c_{t-j} * m_j) mod p_head + offset_head
+    Every c < pad+1 and every m < 2**62 // (pad+1), so no product overflows int64 and the
+    XOR stays non-negative: the modulo is a plain non-negative remainder.
+    """
+    max_order = multipliers.shape[0]
+    T = context.shape[1] - (max_order - 1)
+    mixes, mix = {}, None
+    for j in range(max_order):  # j = 0 is the current token, j = 1 the one before, ...
+        start = max_order - 1 - j
+        term = context[:, start:start + T] * multipliers[j]  # (B, T): c_{t-j} * m_j
+        mix = term if mix is None else torch.bitwise_xor(mix, term)
+        mixes[j + 1] = mix  # (B, T): hash of the suffix (j+1)-gram, before the modulo
+    rows = [mixes[n][..., None] % head_primes[i * heads_per_order:(i + 1) * heads_per_order]  # (B, T, K)
+            for i, n in enumerate(ngram_orders)]
+    return torch.cat(rows, dim=-1) + head_offsets  # (B, T, H)
 
 
-if HAVE_TRITON:
-    # One config when interpreting: the interpreter gains nothing from tuning, and a block that is
-    # small next to the tests' token counts makes them cross block edges.
-    ENGRAM_CONFIGS = [triton.Config({"BLOCK_T": 16}, num_warps=1)] if INTERPRET else [
-        triton.Config({"BLOCK_T": 64}, num_warps=2),
-        triton.Config({"BLOCK_T": 128}, num_warps=4),
-        triton.Config({"BLOCK_T": 256}, num_warps=8),
-    ]
+def engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order, table,
+                            sparse=False):
+    """hash_ngrams, then one gather for every head from the layer's table (sum of primes, head_dim).
+    Returns e_t (B, T, H * head_dim), heads concatenated order-major. sparse=True gives the table a
+    sparse COO gradient that holds only the looked-up rows."""
+    rows = hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order)
+    return F.embedding(rows, table, sparse=sparse).flatten(-2)
 
-    @triton.jit
-    def _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
-                          tokens, token_mask, head, T, stride_context, MAX_ORDER: tl.constexpr):
-        """Rows of one head for a block of flat token indices b*T + t: (BLOCK_T,) int64.
-        hash = (XOR_{j<n} c_{t-j} * m_j) mod p + offset, all in registers (engram.hash_ngrams)."""
-        batch = tokens // T
-        t = tokens % T
-        order = tl.load(head_orders_ptr + head)  # n of this head's N-gram
-        mix = tl.zeros_like(tokens)  # int64; XOR with 0 is the identity
-        for j in tl.static_range(MAX_ORDER):
-            # c_{t-j} sits at column (MAX_ORDER-1) + t - j of the left-padded context
-            c = tl.load(context_ptr + batch * stride_context + (MAX_ORDER - 1 - j) + t, mask=token_mask, other=0)
-            # beyond this head's n the multiplier is 0: a 0 term leaves the XOR unchanged
-            m = tl.where(order > j, tl.load(multipliers_ptr + j), 0)
-            mix = mix ^ (c * m)  # c * m < 2**62 (EngramHasher's bound): no int64 overflow
-        return mix % tl.load(head_primes_ptr + head) + tl.load(head_offsets_ptr + head)
 
-    @triton.autotune(configs=ENGRAM_CONFIGS, key=["head_dim"])
-    @triton.jit
-    def _engram_lookup_kernel(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
-                              table_ptr, out_ptr, n_tokens, T, head_dim, stride_context, stride_table, stride_out,
-                              MAX_ORDER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-        head = tl.program_id(1)
-        tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
-        token_mask = tokens < n_tokens
-        rows = _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
-                                 tokens, token_mask, head, T, stride_context, MAX_ORDER)
-        cols = tl.arange(0, BLOCK_D)
-        mask = token_mask[:, None] & (cols < head_dim)[None, :]  # (BLOCK_T, BLOCK_D)
-        values = tl.load(table_ptr + rows[:, None] * stride_table + cols[None, :], mask=mask)
-        # this head's slice of the concatenated memory vector (heads order-major, as gather_memory)
-        tl.store(out_ptr + tokens[:, None] * stride_out + head * head_dim + cols[None, :], values, mask=mask)
+@triton.jit
+def _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
+                      tokens, token_mask, head, T, stride_context, MAX_ORDER: tl.constexpr):
+    """Rows of one head for a block of flat token indices b*T + t: (BLOCK_T,) int64, as hash_ngrams."""
+    batch = tokens // T
+    t = tokens % T
+    order = tl.load(head_orders_ptr + head)  # n of this head's N-gram
+    mix = tl.zeros_like(tokens)  # int64; XOR with 0 is the identity
+    for j in tl.static_range(MAX_ORDER):
+        # c_{t-j} sits at column (MAX_ORDER-1) + t - j of the left-padded context
+        c = tl.load(context_ptr + batch * stride_context + (MAX_ORDER - 1 - j) + t, mask=token_mask, other=0)
+        # beyond this head's n the multiplier is 0: a 0 term leaves the XOR unchanged
+        m = tl.where(order > j, tl.load(multipliers_ptr + j), 0)
+        mix = mix ^ (c * m)  # c * m < 2**62 (hash_ngrams' bound): no int64 overflow
+    return mix % tl.load(head_primes_ptr + head) + tl.load(head_offsets_ptr + head)
 
-    @triton.jit
-    def _engram_lookup_backward_kernel(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr,
-                                       head_orders_ptr, grad_out_ptr, grad_table_ptr, n_tokens, T, head_dim,
-                                       stride_context, stride_grad_out, stride_grad_table,
-                                       MAX_ORDER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-        head = tl.program_id(1)
-        tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        token_mask = tokens < n_tokens
-        rows = _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
-                                 tokens, token_mask, head, T, stride_context, MAX_ORDER)  # recomputed, not saved
-        cols = tl.arange(0, BLOCK_D)
-        mask = token_mask[:, None] & (cols < head_dim)[None, :]
-        grad = tl.load(grad_out_ptr + tokens[:, None] * stride_grad_out + head * head_dim + cols[None, :],
-                       mask=mask).to(tl.float32)
-        # rows repeat (shared N-grams, the pad N-gram at every sequence start): add, don't store
-        tl.atomic_add(grad_table_ptr + rows[:, None] * stride_grad_table + cols[None, :], grad, mask=mask,
-                      sem="relaxed")
+
+@triton.autotune(configs=ENGRAM_CONFIGS, key=["head_dim"])
+@triton.jit
+def _engram_lookup_kernel(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
+                          table_ptr, out_ptr, n_tokens, T, head_dim, stride_context, stride_table, stride_out,
+                          MAX_ORDER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    head = tl.program_id(1)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    token_mask = tokens < n_tokens
+    rows = _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
+                             tokens, token_mask, head, T, stride_context, MAX_ORDER)
+    cols = tl.arange(0, BLOCK_D)
+    mask = token_mask[:, None] & (cols < head_dim)[None, :]  # (BLOCK_T, BLOCK_D)
+    values = tl.load(table_ptr + rows[:, None] * stride_table + cols[None, :], mask=mask)
+    # this head's slice of the concatenated memory vector (heads order-major, as the reference)
+    tl.store(out_ptr + tokens[:, None] * stride_out + head * head_dim + cols[None, :], values, mask=mask)
+
+
+@triton.jit
+def _engram_lookup_backward_kernel(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr,
+                                   head_orders_ptr, grad_out_ptr, grad_table_ptr, n_tokens, T, head_dim,
+                                   stride_context, stride_grad_out, stride_grad_table,
+                                   MAX_ORDER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    head = tl.program_id(1)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < n_tokens
+    rows = _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
+                             tokens, token_mask, head, T, stride_context, MAX_ORDER)  # recomputed, not saved
+    cols = tl.arange(0, BLOCK_D)
+    mask = token_mask[:, None] & (cols < head_dim)[None, :]
+    grad = tl.load(grad_out_ptr + tokens[:, None] * stride_grad_out + head * head_dim + cols[None, :],
+                   mask=mask).to(tl.float32)
+    # rows repeat (shared N-grams, the pad N-gram at every sequence start): add, don't store
+    tl.atomic_add(grad_table_ptr + rows[:, None] * stride_grad_table + cols[None, :], grad, mask=mask,
+                  sem="relaxed")
+
+
+@triton.jit
+def _engram_rows_kernel(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
+                        rows_ptr, n_tokens, T, n_heads, stride_context, MAX_ORDER: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+    """The sparse backward's indices: rows (n_tokens, H) int64, as hash_ngrams(...).view(-1, H)."""
+    head = tl.program_id(1)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < n_tokens
+    rows = _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
+                             tokens, token_mask, head, T, stride_context, MAX_ORDER)
+    tl.store(rows_ptr + tokens * n_heads + head, rows, mask=token_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,7 +240,7 @@ class _EngramLookup(torch.autograd.Function):
     """Fused hash + gather. Only the table gets a gradient (everything else is integer ids)."""
 
     @staticmethod
-    def forward(ctx, table, context, multipliers, head_primes, head_offsets, head_orders):
+    def forward(ctx, table, context, multipliers, head_primes, head_offsets, head_orders, sparse):
         B, width = context.shape
         max_order = multipliers.numel()
         T = width - (max_order - 1)
@@ -168,60 +253,50 @@ class _EngramLookup(torch.autograd.Function):
                                         B * T, T, head_dim, context.stride(0), table.stride(0), out.stride(1),
                                         MAX_ORDER=max_order, BLOCK_D=_pow2_at_least_16(head_dim))
         ctx.save_for_backward(context, multipliers, head_primes, head_offsets, head_orders)
-        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        ctx.table_shape, ctx.table_dtype, ctx.sparse = table.shape, table.dtype, sparse
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        context, multipliers, head_primes, head_offsets, head_orders = ctx.saved_tensors
+        ids = ctx.saved_tensors  # context, multipliers, head_primes, head_offsets, head_orders
+        context, multipliers, head_primes = ids[:3]
         grad_out = grad_out.contiguous()  # (B, T, d_mem)
         B, T, _ = grad_out.shape
         H, head_dim = head_primes.numel(), ctx.table_shape[1]
-        # atomics accumulate in float32 even for a bf16 table, then one cast at the end
-        grad_table = torch.zeros(ctx.table_shape, dtype=torch.float32, device=grad_out.device)
-        if B * T > 0:
-            block_t = 16 if INTERPRET else 128
-            _engram_lookup_backward_kernel[(triton.cdiv(B * T, block_t), H)](
-                context, multipliers, head_primes, head_offsets, head_orders, grad_out, grad_table,
-                B * T, T, head_dim, context.stride(0), grad_out.stride(1), grad_table.stride(0),
-                MAX_ORDER=multipliers.numel(), BLOCK_D=_pow2_at_least_16(head_dim), BLOCK_T=block_t,
-                num_warps=1 if INTERPRET else 4)
-        return grad_table.to(ctx.table_dtype), None, None, None, None, None
+        grid = (triton.cdiv(B * T, ENGRAM_BACKWARD_BLOCK_T), H)
+        blocks = dict(MAX_ORDER=multipliers.numel(), BLOCK_T=ENGRAM_BACKWARD_BLOCK_T, num_warps=ENGRAM_BACKWARD_WARPS)
+        if ctx.sparse:
+            rows = torch.empty(B * T, H, dtype=torch.long, device=grad_out.device)  # (B*T, H)
+            if B * T > 0:
+                _engram_rows_kernel[grid](*ids, rows, B * T, T, H, context.stride(0), **blocks)
+            # heads are order-major in e_t, so gradient row token*H + head belongs to rows[token, head]
+            values = grad_out.view(-1, head_dim).to(ctx.table_dtype)  # (B*T*H, head_dim)
+            # every row is in range by construction (mod prime + offset): skip the invariant check
+            grad_table = torch.sparse_coo_tensor(rows.view(1, -1), values, ctx.table_shape, check_invariants=False)
+        else:
+            # atomics accumulate in float32 even for a bf16 table, then one cast at the end
+            grad_table = torch.zeros(ctx.table_shape, dtype=torch.float32, device=grad_out.device)
+            if B * T > 0:
+                _engram_lookup_backward_kernel[grid](*ids, grad_out, grad_table, B * T, T, head_dim, context.stride(0),
+                                                     grad_out.stride(1), grad_table.stride(0),
+                                                     BLOCK_D=_pow2_at_least_16(head_dim), **blocks)
+            grad_table = grad_table.to(ctx.table_dtype)
+        return grad_table, None, None, None, None, None, None
 
 
 def engram_lookup(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order, table,
-                  mode="auto"):
+                  sparse=False):
     """Memory vector e_t of ONE Engram layer straight from canonical ids: (B, T, H * head_dim).
-
-    Arguments as engram_lookup_reference (context from EngramHasher.canonical_context; the layer's
-    row of the hasher's multipliers / head_primes / head_offsets; the layer's table weight).
-
-    Kernel: one program per (block of BLOCK_T tokens, head). It loads the <= max_order canonical ids
-    of each token's N-gram, hashes them in registers, gathers one head_dim row per token and writes it
-    into that head's slice of e_t; no (B, T, H) int64 index tensor ever reaches memory.
-    Memory traffic: the ids once (8 B per token; the other heads' re-reads hit L2), the gathered rows
-    (n_tokens * H * head_dim * elem) and as much again for the output (engram_lookup_bytes). The
-    reference adds int64 passes: per order a (B, T) product and XOR, then (B, T, H) tensors for the
-    modulo, the concatenation and the offset add, read back by the gather: some 7H int64 reads and
-    writes per token, as many bytes as the rows themselves when a row is 32 bf16 values.
-
-    Backward: the rows are recomputed from the ids and each (token, head) gradient row is added into
-    a float32 table gradient with tl.atomic_add. Atomics rather than sort-then-segment-sum because
-    conflicts are rare: a table has far more rows than a batch has (token, head) pairs, so most rows
-    receive at most one addition; only frequent N-grams (", and") collect many, and those few
-    additions serialise in L2 at a cost far below sorting all n_tokens * H int64 keys (several passes
-    over keys and a permutation) to avoid conflicts that hardly happen. The price: additions to one
-    row land in no fixed order, so the gradient is reproducible to rounding only, not bit for bit.
-    """
-    if not use_triton(mode, table.device):
+    Arguments and result as engram_lookup_reference; the kernel fuses its hash and gather."""
+    if not use_triton(table.device):
         return engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngram_orders,
-                                       heads_per_order, table)
+                                       heads_per_order, table, sparse)
     assert context.dtype == torch.long and context.dim() == 2, "context: (B, P+T) int64 canonical ids"
     assert multipliers.dim() == 1 and max(ngram_orders) <= multipliers.numel(), "multipliers: (max_order,) of one layer"
     assert head_primes.numel() == head_offsets.numel() == len(ngram_orders) * heads_per_order
     head_orders = _head_orders(tuple(ngram_orders), heads_per_order, table.device)
     return _EngramLookup.apply(table, context.contiguous(), multipliers.contiguous(), head_primes.contiguous(),
-                               head_offsets.contiguous(), head_orders)
+                               head_offsets.contiguous(), head_orders, sparse)
 
 
 def engram_lookup_bytes(n_tokens: int, n_heads: int, head_dim: int, elem_bytes: int = 2) -> int:
@@ -232,11 +307,42 @@ def engram_lookup_bytes(n_tokens: int, n_heads: int, head_dim: int, elem_bytes: 
 # -----------------------------------------------------------------------------
 # 2. MoE grouped GEMM: every routed expert's SwiGLU in one launch per projection
 #
-# The reference is moe.grouped_swiglu: a Python loop with three small matmuls per expert (and a
-# host sync for the counts). With DeepSeek-style fine-grained experts (64 experts, a few hundred
-# rows each) those matmuls are too small to fill the GPU and the launches dominate.
+# The reference loops over experts, three small matmuls each, after a host sync for the counts. With
+# DeepSeek-style fine-grained experts (64, a few hundred rows each) those matmuls cannot fill a GPU and
+# the launches dominate. A grouped GEMM runs all experts in one launch, however unevenly loaded:
+#
+#   tiles = grouped_tile_schedule(counts)        every expert's rows in BLOCK_M tiles, on the device
+#   for each (tile of expert e, column block):   one program
+#       out[tile, cols] = A[tile] @ B_e[:, cols]
+#
+#   forward   1 launch: gate = x W1_e^T, up = x W3_e^T, act = SiLU(gate) * up in the epilogue
+#             1 launch: y = act W2_e^T
+#   backward  1 launch: d_act = dy W2_e, through SwiGLU in the epilogue -> d_gate, d_up
+#             1 launch: dx = d_gate W1_e + d_up W3_e
+#             3 launches: dW2_e = dy_e^T act_e, dW1_e = d_gate_e^T x_e, dW3_e = d_up_e^T x_e, one
+#             program per (expert, weight tile) summing over the expert's rows
+#
+# Memory traffic (forward): x read once per column block, each weight once per row tile (from L2 after
+# the first), act and y written once; plus gate and up (M x inter each) when training. The reference
+# writes and re-reads three (M x inter) intermediates per expert, plus the concatenation.
+# FLOPs: 6 * M * dim * inter forward, twice that backward (moe_grouped_swiglu_flops).
 
-GROUPED_BLOCK_M = 16 if INTERPRET else 64  # rows per tile; the tile schedule is built for this size
+def moe_grouped_swiglu_reference(x_sorted, counts, w1, w3, w2):
+    """SwiGLU of each contiguous expert segment with that expert's weights: (M, dim), rows as given.
+    x_sorted (M, dim) rows grouped by expert 0..E-1, counts (E,) rows per expert,
+    w1, w3 (E, inter, dim), w2 (E, dim, inter)."""
+    outputs = []
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:  # idle expert: nothing to compute, dropless routing is unaffected
+            continue
+        seg = x_sorted[start:start + n]  # (n, dim)
+        hidden = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())  # (n, inter)
+        outputs.append(hidden @ w2[e].t())  # (n, dim)
+        start += n
+    if not outputs:
+        return x_sorted.new_zeros(x_sorted.shape)
+    return torch.cat(outputs, dim=0)
 
 
 def grouped_tile_schedule(counts, n_rows: int, block_m: int = GROUPED_BLOCK_M):
@@ -254,7 +360,7 @@ def grouped_tile_schedule(counts, n_rows: int, block_m: int = GROUPED_BLOCK_M):
     offsets[1:] = counts.cumsum(0)
     tiles = (counts + block_m - 1) // block_m  # (E,) row tiles of each expert
     tiles_end = tiles.cumsum(0, dtype=torch.int32)  # (E,) one past each expert's last tile
-    tile = torch.arange(_cdiv(n_rows, block_m) + E, dtype=torch.int32, device=counts.device)
+    tile = torch.arange(triton.cdiv(n_rows, block_m) + E, dtype=torch.int32, device=counts.device)
     expert = torch.searchsorted(tiles_end, tile, right=True)  # (n_tiles,) E for the spare tiles
     expert = expert.clamp(max=E - 1)  # a spare tile then starts past the last row: an empty range
     row_start = offsets[expert] + (tile - (tiles_end - tiles)[expert]) * block_m
@@ -262,138 +368,127 @@ def grouped_tile_schedule(counts, n_rows: int, block_m: int = GROUPED_BLOCK_M):
     return expert.to(torch.int32), row_start.to(torch.int32), row_end.to(torch.int32), offsets
 
 
-if HAVE_TRITON:
-    # BLOCK_M is fixed by the tile schedule; N, K blocks and pipelining are tuned. The first configs
-    # suit sm90 (228 KB shared memory); configs that do not fit an older GPU are skipped by the tuner.
-    GROUPED_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1)] if INTERPRET else [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    ]
-    WEIGHT_GRAD_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32, "BLOCK_K": 16}, num_warps=1)] if INTERPRET \
-        else [
-            triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        ]
+@triton.jit
+def _segment_tile_dot(a_ptr, b_ptr, rows, row_mask, cols, col_mask, N, K, TRANS_B: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """One output tile A[rows] @ B: (BLOCK_M, BLOCK_N) float32.
+    A is row-major (M, K); B is one expert's weight read as a (K, N) matrix: stored (N, K) when
+    TRANS_B (x @ W^T, as nn.Linear) or (K, N) otherwise. Transposing is only a choice of strides."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TRANS_B:  # stored (N, K)
+        stride_bk = 1
+        stride_bn = K
+    else:  # stored (K, N)
+        stride_bk = N
+        stride_bn = 1
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+        b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=(k < K)[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
-    @triton.jit
-    def _segment_tile_dot(a_ptr, b_ptr, rows, row_mask, cols, col_mask, N, K, TRANS_B: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
-        """One output tile A[rows] @ B: (BLOCK_M, BLOCK_N) float32.
-        A is row-major (M, K); B is one expert's weight read as a (K, N) matrix: stored (N, K) when
-        TRANS_B (x @ W^T, as nn.Linear) or (K, N) otherwise. Transposing is only a choice of strides."""
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if TRANS_B:  # stored (N, K)
-            stride_bk = 1
-            stride_bn = K
-        else:  # stored (K, N)
-            stride_bk = N
-            stride_bn = 1
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
-            b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
-                        mask=(k < K)[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        return acc
 
-    @triton.jit
-    def _tile_coords(tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's expert, rows and columns, from the tile schedule (grouped_tile_schedule)."""
-        tile = tl.program_id(0)
-        expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-        row_start, row_end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
-        rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        return expert, row_start, row_end, rows, rows < row_end, cols, cols < N
+@triton.jit
+def _tile_coords(tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's expert, rows and columns, from the tile schedule (grouped_tile_schedule)."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    row_start, row_end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
+    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, row_start, row_end, rows, rows < row_end, cols, cols < N
 
-    @triton.autotune(configs=GROUPED_CONFIGS, key=["N", "K"])
-    @triton.jit
-    def _grouped_swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, act_ptr, gate_ptr, up_ptr,
-                                  tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, K,
-                                  SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """act = SiLU(x W1_e^T) * (x W3_e^T) for one (row tile of expert e, column block): N = inter, K = dim."""
-        expert, row_start, row_end, rows, row_mask, cols, col_mask = _tile_coords(
-            tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M, BLOCK_N)
-        if row_start >= row_end:  # spare tile of the schedule
-            return
-        gate = _segment_tile_dot(x_ptr, w1_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, True,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # (BLOCK_M, BLOCK_N) x W1^T
-        up = _segment_tile_dot(x_ptr, w3_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, True,
-                               BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # x W3^T
-        act = gate * tl.sigmoid(gate) * up  # SwiGLU in float32, rounded once
-        offs = rows[:, None] * N + cols[None, :]
-        mask = row_mask[:, None] & col_mask[None, :]
-        tl.store(act_ptr + offs, act.to(act_ptr.dtype.element_ty), mask=mask)
-        if SAVE_PREACT:  # the backward needs both pre-activations
-            tl.store(gate_ptr + offs, gate.to(gate_ptr.dtype.element_ty), mask=mask)
-            tl.store(up_ptr + offs, up.to(up_ptr.dtype.element_ty), mask=mask)
 
-    @triton.autotune(configs=GROUPED_CONFIGS, key=["N", "K"])
-    @triton.jit
-    def _grouped_gemm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                             N, K, TRANS_B: tl.constexpr, HAS_SECOND: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """C[rows of e] = A[rows] @ B_e (+ A2[rows] @ B2_e): the generic grouped GEMM.
-        Down projection: act @ W2_e^T. Input gradient: dgate @ W1_e + dup @ W3_e (HAS_SECOND)."""
-        expert, row_start, row_end, rows, row_mask, cols, col_mask = _tile_coords(
-            tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M, BLOCK_N)
-        if row_start >= row_end:
-            return
-        acc = _segment_tile_dot(a_ptr, b_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, TRANS_B,
-                                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        if HAS_SECOND:
-            acc += _segment_tile_dot(a2_ptr, b2_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, TRANS_B,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+@triton.autotune(configs=GROUPED_CONFIGS, key=["N", "K"])
+@triton.jit
+def _grouped_swiglu_up_kernel(x_ptr, w1_ptr, w3_ptr, act_ptr, gate_ptr, up_ptr,
+                              tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, K,
+                              SAVE_PREACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act = SiLU(x W1_e^T) * (x W3_e^T) for one (row tile of expert e, column block): N = inter, K = dim."""
+    expert, row_start, row_end, rows, row_mask, cols, col_mask = _tile_coords(
+        tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M, BLOCK_N)
+    if row_start >= row_end:  # spare tile of the schedule
+        return
+    gate = _segment_tile_dot(x_ptr, w1_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, True,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # (BLOCK_M, BLOCK_N) x W1^T
+    up = _segment_tile_dot(x_ptr, w3_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, True,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # x W3^T
+    act = gate * tl.sigmoid(gate) * up  # SwiGLU in float32, rounded once
+    offs = rows[:, None] * N + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(act_ptr + offs, act.to(act_ptr.dtype.element_ty), mask=mask)
+    if SAVE_PREACT:  # the backward needs both pre-activations
+        tl.store(gate_ptr + offs, gate.to(gate_ptr.dtype.element_ty), mask=mask)
+        tl.store(up_ptr + offs, up.to(up_ptr.dtype.element_ty), mask=mask)
 
-    @triton.autotune(configs=GROUPED_CONFIGS, key=["N", "K"])
-    @triton.jit
-    def _grouped_swiglu_backward_kernel(grad_y_ptr, w2_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr,
-                                        tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, K,
-                                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_K: tl.constexpr):
-        """d_act = dy @ W2_e (N = inter, K = dim), then through SwiGLU in the epilogue:
-        d_up = d_act * SiLU(gate),  d_gate = d_act * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))."""
-        expert, row_start, row_end, rows, row_mask, cols, col_mask = _tile_coords(
-            tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M, BLOCK_N)
-        if row_start >= row_end:
-            return
-        grad_act = _segment_tile_dot(grad_y_ptr, w2_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K,
-                                     False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        offs = rows[:, None] * N + cols[None, :]
-        mask = row_mask[:, None] & col_mask[None, :]
-        gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        tl.store(grad_up_ptr + offs, (grad_act * gate * sig).to(grad_up_ptr.dtype.element_ty), mask=mask)
-        grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(grad_gate_ptr + offs, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=mask)
 
-    @triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["P", "Q"])
-    @triton.jit
-    def _grouped_weight_grad_kernel(g_ptr, x_ptr, out_ptr, offsets_ptr, P, Q, PRECISION: tl.constexpr,
-                                    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[e] = G[rows of e]^T @ X[rows of e]: (P, Q) per expert, the sum running over the expert's
-        rows. One program per (expert, P block, Q block); an expert with no rows writes zeros."""
-        expert = tl.program_id(0)
-        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        row_start, row_end = tl.load(offsets_ptr + expert), tl.load(offsets_ptr + expert + 1)
-        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-        for r0 in range(row_start, row_end, BLOCK_K):
-            r = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            r_mask = r < row_end
-            g_t = tl.load(g_ptr + r[None, :] * P + p[:, None], mask=(p < P)[:, None] & r_mask[None, :], other=0.0)
-            x = tl.load(x_ptr + r[:, None] * Q + q[None, :], mask=r_mask[:, None] & (q < Q)[None, :], other=0.0)
-            acc = tl.dot(g_t, x, acc, input_precision=PRECISION)  # (BLOCK_P, BLOCK_K) @ (BLOCK_K, BLOCK_Q)
-        tl.store(out_ptr + expert.to(tl.int64) * P * Q + p[:, None] * Q + q[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=(p < P)[:, None] & (q < Q)[None, :])
+@triton.autotune(configs=GROUPED_CONFIGS, key=["N", "K"])
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                         N, K, TRANS_B: tl.constexpr, HAS_SECOND: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[rows of e] = A[rows] @ B_e (+ A2[rows] @ B2_e): the generic grouped GEMM.
+    Down projection: act @ W2_e^T. Input gradient: dgate @ W1_e + dup @ W3_e (HAS_SECOND)."""
+    expert, row_start, row_end, rows, row_mask, cols, col_mask = _tile_coords(
+        tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M, BLOCK_N)
+    if row_start >= row_end:
+        return
+    acc = _segment_tile_dot(a_ptr, b_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, TRANS_B,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    if HAS_SECOND:
+        acc += _segment_tile_dot(a2_ptr, b2_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K, TRANS_B,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.autotune(configs=GROUPED_CONFIGS, key=["N", "K"])
+@triton.jit
+def _grouped_swiglu_backward_kernel(grad_y_ptr, w2_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr,
+                                    tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, K,
+                                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    BLOCK_K: tl.constexpr):
+    """d_act = dy @ W2_e (N = inter, K = dim), then through SwiGLU in the epilogue:
+    d_up = d_act * SiLU(gate),  d_gate = d_act * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate)))."""
+    expert, row_start, row_end, rows, row_mask, cols, col_mask = _tile_coords(
+        tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BLOCK_M, BLOCK_N)
+    if row_start >= row_end:
+        return
+    grad_act = _segment_tile_dot(grad_y_ptr, w2_ptr + expert * N * K, rows, row_mask, cols, col_mask, N, K,
+                                 False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    offs = rows[:, None] * N + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    tl.store(grad_up_ptr + offs, (grad_act * gate * sig).to(grad_up_ptr.dtype.element_ty), mask=mask)
+    grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(grad_gate_ptr + offs, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["P", "Q"])
+@triton.jit
+def _grouped_weight_grad_kernel(g_ptr, x_ptr, out_ptr, offsets_ptr, P, Q, PRECISION: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e] = G[rows of e]^T @ X[rows of e]: (P, Q) per expert, the sum running over the expert's
+    rows. One program per (expert, P block, Q block); an expert with no rows writes zeros."""
+    expert = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_start, row_end = tl.load(offsets_ptr + expert), tl.load(offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_K):
+        r = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        r_mask = r < row_end
+        g_t = tl.load(g_ptr + r[None, :] * P + p[:, None], mask=(p < P)[:, None] & r_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + r[:, None] * Q + q[None, :], mask=r_mask[:, None] & (q < Q)[None, :], other=0.0)
+        acc = tl.dot(g_t, x, acc, input_precision=PRECISION)  # (BLOCK_P, BLOCK_K) @ (BLOCK_K, BLOCK_Q)
+    tl.store(out_ptr + expert.to(tl.int64) * P * Q + p[:, None] * Q + q[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(p < P)[:, None] & (q < Q)[None, :])
 
 
 def _row_grid(n_tiles, N):
@@ -429,7 +524,7 @@ def _grouped_swiglu_forward(x_sorted, schedule, w1, w3, w2, save_preact):
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """moe.grouped_swiglu as grouped GEMM launches, forward and backward (see moe_grouped_swiglu)."""
+    """moe_grouped_swiglu_reference as grouped GEMM launches, forward and backward."""
 
     @staticmethod
     def forward(ctx, x_sorted, counts, w1, w3, w2):
@@ -468,28 +563,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return grad_x, None, grad_w1, grad_w3, grad_w2
 
 
-def moe_grouped_swiglu(x_sorted, counts, w1, w3, w2, mode="auto"):
-    """moe.grouped_swiglu (same arguments, same result) with Triton grouped GEMMs: (M, dim).
-
-    x_sorted (M, dim) rows grouped by expert 0..E-1, counts (E,) rows per expert (on the device;
-    they must sum to M), w1, w3 (E, inter, dim), w2 (E, dim, inter).
-
-    Grouped GEMM: grouped_tile_schedule cuts every expert's rows into BLOCK_M tiles on the device;
-    program (tile, column block) of a launch computes one output tile with its expert's weight, so
-    all experts run in one launch, however unevenly they are loaded, with no host sync.
-      forward   1 launch: gate = x W1_e^T and up = x W3_e^T, act = SiLU(gate) * up in the epilogue
-                1 launch: y = act W2_e^T
-      backward  1 launch: d_act = dy W2_e, through SwiGLU in the epilogue -> d_gate, d_up
-                1 launch: dx = d_gate W1_e + d_up W3_e
-                3 launches: dW2_e = dy_e^T act_e, dW1_e = d_gate_e^T x_e, dW3_e = d_up_e^T x_e,
-                one program per (expert, weight tile), summing over the expert's rows
-    Memory traffic (forward): x read once per column block, each weight once per row tile (from L2
-    after the first), act and y written once; plus gate and up (M x inter each) when training. The
-    reference writes and re-reads three (M x inter) intermediates per expert, plus the concatenation.
-    FLOPs: 6 * M * dim * inter forward, twice that backward (moe_grouped_swiglu_flops).
-    """
-    if not use_triton(mode, x_sorted.device) or x_sorted.shape[0] == 0:
-        return moe.grouped_swiglu(x_sorted, counts, w1, w3, w2)
+def moe_grouped_swiglu(x_sorted, counts, w1, w3, w2):
+    """moe_grouped_swiglu_reference (same arguments, same result) with Triton grouped GEMMs: (M, dim).
+    counts must be on the rows' device (no host sync) and sum to M."""
+    if not use_triton(x_sorted.device) or x_sorted.shape[0] == 0:
+        return moe_grouped_swiglu_reference(x_sorted, counts, w1, w3, w2)
     assert counts.numel() == w1.shape[0] == w3.shape[0] == w2.shape[0], "one count per expert"
     assert counts.device == x_sorted.device, "counts must be on the rows' device (no host sync)"
     if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -511,6 +589,19 @@ def moe_grouped_swiglu_flops(n_rows: int, dim: int, inter_dim: int, backward: bo
 
 # -----------------------------------------------------------------------------
 # 3. MLA absorbed decode attention (DeepSeek-V2 §2.1.2; the FlashMLA idea, split-KV)
+#
+#   for each (block of BLOCK_H heads, split i of the cache, batch b):    one program
+#       online softmax over s in split i of score_s = (q.c_s + q_rope.k_rope_s) * scale, in float32
+#       part_out[i] = sum_s p_s c_s / sum_s p_s,   part_lse[i] = log2 sum_s 2^score_s
+#   out = sum_i 2^part_lse[i] part_out[i] / sum_i 2^part_lse[i]           a second, small kernel
+#
+# The latent c_s is key and value at once. Split-KV (flash-decoding): cutting the cache along S makes
+# enough programs to fill every SM even for a long cache at small batch, and each streams its chunk of
+# the latent once for BLOCK_H heads (all heads share the latent: that is MLA's point).
+# Memory traffic: the cache once, B * S * (kv_lora_rank + rope_dim) * elem (re-read from L2 by the other
+# head blocks when H > BLOCK_H), the queries, and B * H * n_splits * (kv_lora_rank + 1) * 4 bytes of
+# partials written and read once. The reference materialises the (B, H, S) scores three times over
+# (q.c, q.k^R, their sum), then the float32 probabilities and their cast. Decode only: no backward.
 
 def mla_decode_reference(q_latent, q_rope, kv_latent, k_rope, softmax_scale):
     """The math of MLA._attend_absorbed for one new token per sequence (T = 1 sees the whole cache).
@@ -526,71 +617,63 @@ def mla_decode_reference(q_latent, q_rope, kv_latent, k_rope, softmax_scale):
     return torch.einsum("bhs,bsc->bhc", probs, kv_latent)  # (B, H, d_c)
 
 
-if HAVE_TRITON:
-    MLA_DECODE_CONFIGS = [triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=1)] if INTERPRET else [
-        triton.Config({"BLOCK_H": 16, "BLOCK_S": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_H": 16, "BLOCK_S": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_H": 32, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_H": 64, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),  # fits any GPU's shared memory
-    ]
+# key leaves out S on purpose: the cache grows by one token per step, which must not re-tune
+@triton.autotune(configs=MLA_DECODE_CONFIGS, key=["H", "C", "R"])
+@triton.jit
+def _mla_decode_split_kernel(q_ptr, q_rope_ptr, kv_ptr, k_rope_ptr, part_out_ptr, part_lse_ptr,
+                             H, S, C, R, split_len, n_splits, scale_log2e, PRECISION: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
+    """Program (head block, split, batch): online softmax over cache tokens
+    [split * split_len, (split + 1) * split_len), all BLOCK_H heads sharing each loaded latent tile.
+    Writes the split's normalised output and its log2-sum-exp for the combine."""
+    head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    c, r = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
+    h_mask, c_mask, r_mask = heads < H, c < C, r < R
+    q = tl.load(q_ptr + (b * H + heads[:, None]) * C + c[None, :], mask=h_mask[:, None] & c_mask[None, :],
+                other=0.0)  # (BLOCK_H, BLOCK_C)
+    q_rope = tl.load(q_rope_ptr + (b * H + heads[:, None]) * R + r[None, :],
+                     mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_H, BLOCK_R)
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    s_begin = split * split_len
+    s_end = tl.minimum(s_begin + split_len, S)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = s < s_end
+        kv = tl.load(kv_ptr + (b * S + s[:, None]) * C + c[None, :], mask=s_mask[:, None] & c_mask[None, :],
+                     other=0.0)  # (BLOCK_S, BLOCK_C): the latent is both key and value
+        k_rope = tl.load(k_rope_ptr + (b * S + s[:, None]) * R + r[None, :],
+                         mask=s_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_S, BLOCK_R)
+        scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION)
+        scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=PRECISION)  # (BLOCK_H, BLOCK_S)
+        scores = tl.where(s_mask[None, :], scores * scale_log2e, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    out_offs = ((b * H + heads[:, None]) * n_splits + split) * C + c[None, :]
+    tl.store(part_out_ptr + out_offs, acc / l_i[:, None], mask=h_mask[:, None] & c_mask[None, :])
+    tl.store(part_lse_ptr + (b * H + heads) * n_splits + split, m_i + tl.log2(l_i), mask=h_mask)
 
-    # key leaves out S on purpose: the cache grows by one token per step, which must not re-tune
-    @triton.autotune(configs=MLA_DECODE_CONFIGS, key=["H", "C", "R"])
-    @triton.jit
-    def _mla_decode_split_kernel(q_ptr, q_rope_ptr, kv_ptr, k_rope_ptr, part_out_ptr, part_lse_ptr,
-                                 H, S, C, R, split_len, n_splits, scale_log2e, PRECISION: tl.constexpr,
-                                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-                                 BLOCK_S: tl.constexpr):
-        """Program (head block, split, batch): online softmax over cache tokens
-        [split * split_len, (split + 1) * split_len), all BLOCK_H heads sharing each loaded latent tile.
-        Writes the split's normalised output and its log2-sum-exp for the combine."""
-        head_block, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
-        c, r = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
-        h_mask, c_mask, r_mask = heads < H, c < C, r < R
-        q = tl.load(q_ptr + (b * H + heads[:, None]) * C + c[None, :], mask=h_mask[:, None] & c_mask[None, :],
-                    other=0.0)  # (BLOCK_H, BLOCK_C)
-        q_rope = tl.load(q_rope_ptr + (b * H + heads[:, None]) * R + r[None, :],
-                         mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_H, BLOCK_R)
-        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
-        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp2
-        acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-        s_begin = split * split_len
-        s_end = tl.minimum(s_begin + split_len, S)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            s_mask = s < s_end
-            kv = tl.load(kv_ptr + (b * S + s[:, None]) * C + c[None, :], mask=s_mask[:, None] & c_mask[None, :],
-                         other=0.0)  # (BLOCK_S, BLOCK_C): the latent is both key and value
-            k_rope = tl.load(k_rope_ptr + (b * S + s[:, None]) * R + r[None, :],
-                             mask=s_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_S, BLOCK_R)
-            scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION)
-            scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=PRECISION)  # (BLOCK_H, BLOCK_S)
-            scores = tl.where(s_mask[None, :], scores * scale_log2e, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            p = tl.exp2(scores - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-        out_offs = ((b * H + heads[:, None]) * n_splits + split) * C + c[None, :]
-        tl.store(part_out_ptr + out_offs, acc / l_i[:, None], mask=h_mask[:, None] & c_mask[None, :])
-        tl.store(part_lse_ptr + (b * H + heads) * n_splits + split, m_i + tl.log2(l_i), mask=h_mask)
 
-    @triton.jit
-    def _mla_decode_combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, C, n_splits,
-                                   BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Program (batch * head, column block): out = sum_i w_i out_i with w_i = 2^(lse_i) / sum_j 2^(lse_j)."""
-        row, c = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        splits = tl.arange(0, BLOCK_SPLITS)
-        lse = tl.load(part_lse_ptr + row * n_splits + splits, mask=splits < n_splits, other=float("-inf"))
-        weights = tl.exp2(lse - tl.max(lse, axis=0))
-        weights = weights / tl.sum(weights, axis=0)  # (BLOCK_SPLITS,)
-        parts = tl.load(part_out_ptr + (row * n_splits + splits[:, None]) * C + c[None, :],
-                        mask=(splits < n_splits)[:, None] & (c < C)[None, :], other=0.0)  # (BLOCK_SPLITS, BLOCK_C)
-        out = tl.sum(weights[:, None] * parts, axis=0)
-        tl.store(out_ptr + row * C + c, out.to(out_ptr.dtype.element_ty), mask=c < C)
+@triton.jit
+def _mla_decode_combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, C, n_splits,
+                               BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (batch * head, column block): out = sum_i w_i out_i with w_i = 2^(lse_i) / sum_j 2^(lse_j)."""
+    row, c = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    lse = tl.load(part_lse_ptr + row * n_splits + splits, mask=splits < n_splits, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    weights = weights / tl.sum(weights, axis=0)  # (BLOCK_SPLITS,)
+    parts = tl.load(part_out_ptr + (row * n_splits + splits[:, None]) * C + c[None, :],
+                    mask=(splits < n_splits)[:, None] & (c < C)[None, :], other=0.0)  # (BLOCK_SPLITS, BLOCK_C)
+    out = tl.sum(weights[:, None] * parts, axis=0)
+    tl.store(out_ptr + row * C + c, out.to(out_ptr.dtype.element_ty), mask=c < C)
 
 
 MAX_DECODE_SPLITS = 64  # keeps the combine kernel's (splits x BLOCK_C) tile in registers
@@ -604,35 +687,24 @@ def _n_sms(device) -> int:
 def _decode_split_len(batch: int, n_heads: int, cache_len: int, device) -> int:
     """Cache tokens per split: enough (batch, head block, split) programs to fill every SM about
     twice (flash-decoding), but splits long enough to pay for their query load and the combine."""
-    min_len, granule = (16, 16) if INTERPRET else (256, 64)
-    programs = batch * _cdiv(n_heads, 16)
-    splits = min(MAX_DECODE_SPLITS, max(1, _cdiv(2 * _n_sms(device), programs)))
-    split_len = max(_cdiv(cache_len, splits), min_len, _cdiv(cache_len, MAX_DECODE_SPLITS))
-    return _cdiv(split_len, granule) * granule
+    programs = batch * triton.cdiv(n_heads, 16)
+    splits = min(MAX_DECODE_SPLITS, max(1, triton.cdiv(2 * _n_sms(device), programs)))
+    split_len = max(triton.cdiv(cache_len, splits), DECODE_MIN_SPLIT_LEN, triton.cdiv(cache_len, MAX_DECODE_SPLITS))
+    return triton.cdiv(split_len, DECODE_SPLIT_GRANULE) * DECODE_SPLIT_GRANULE
 
 
-def mla_decode_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, mode="auto", num_splits=None):
+def mla_decode_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, num_splits=None):
     """Absorbed MLA decode for one new token per sequence: (B, H, kv_lora_rank), as mla_decode_reference.
-
-    Split-KV (flash-decoding, the idea of FlashMLA): the cache is cut into n_splits chunks along S;
-    program (head block, split, batch) streams its chunk of the latent cache once for BLOCK_H heads
-    (all heads share the latent: that is MLA's point) with an online softmax in float32, and writes a
-    partial output and its log-sum-exp; a second small kernel combines the splits. Long caches at small
-    batch thus still use every SM. num_splits overrides the heuristic (for tests).
-    Memory traffic: the cache once, B * S * (kv_lora_rank + rope_dim) * elem (re-read from L2 by the
-    other head blocks when H > BLOCK_H), the queries, and B * H * n_splits * (kv_lora_rank + 1) * 4 bytes
-    of partials written and read once. The reference materialises the (B, H, S) scores three times over
-    (q.c, q.k^R, their sum), then the float32 probabilities and their cast.
-    """
-    if not use_triton(mode, q_latent.device):
+    num_splits overrides the split-KV heuristic (for tests)."""
+    if not use_triton(q_latent.device):
         return mla_decode_reference(q_latent, q_rope, kv_latent, k_rope, softmax_scale)
     B, H, C = q_latent.shape
     S, R = kv_latent.shape[1], q_rope.shape[-1]
     assert S >= 1 and kv_latent.shape == (B, S, C) and k_rope.shape == (B, S, R) and q_rope.shape == (B, H, R)
     assert q_latent.dtype == q_rope.dtype == kv_latent.dtype == k_rope.dtype, "one dtype for queries and cache"
     q_latent, q_rope, kv_latent, k_rope = (t.contiguous() for t in (q_latent, q_rope, kv_latent, k_rope))
-    split_len = _decode_split_len(B, H, S, q_latent.device) if num_splits is None else _cdiv(S, num_splits)
-    n_splits = _cdiv(S, split_len)  # every split holds >= 1 token, so every log-sum-exp is finite
+    split_len = _decode_split_len(B, H, S, q_latent.device) if num_splits is None else triton.cdiv(S, num_splits)
+    n_splits = triton.cdiv(S, split_len)  # every split holds >= 1 token, so every log-sum-exp is finite
     part_out = torch.empty(B, H, n_splits, C, dtype=torch.float32, device=q_latent.device)
     part_lse = torch.empty(B, H, n_splits, dtype=torch.float32, device=q_latent.device)
     grid = lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), n_splits, B)  # noqa: E731  head blocks adjacent: L2 reuse

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels  # optional Triton decode kernel; it imports triton only if installed
+import kernels  # one-token absorbed decode: PyTorch, or a Triton split-KV kernel on a GPU
 
 
 # -----------------------------------------------------------------------------
@@ -73,11 +73,8 @@ class MLA(nn.Module):
     "absorbed" form, which attends directly over the cached latents.
     """
 
-    def __init__(self, dim: int, n_heads: int, cfg: MLAConfig, rope_theta: float = 10000.0,
-                 kernel_mode: str = "torch"):
+    def __init__(self, dim: int, n_heads: int, cfg: MLAConfig, rope_theta: float = 10000.0):
         super().__init__()
-        self.kernel_mode = kernel_mode  # --kernels: Triton split-KV decode for one new token
-        assert cfg.qk_rope_head_dim % 2 == 0, "rotary dim must be even (pairs are rotated)"
         self.n_heads = n_heads
         self.q_lora_rank = cfg.q_lora_rank
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -171,11 +168,10 @@ class MLA(nn.Module):
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
 
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c)
-        if T == 1 and kernels.use_triton(self.kernel_mode, q_latent.device):
-            # one new token: the FlashMLA-style split-KV kernel computes the same softmax(...) @ c
+        if T == 1:  # one new token sees the whole cache: no mask; on a GPU, a split-KV kernel (FlashMLA's idea)
             dtype = kv_latent.dtype  # the kernel takes one dtype: the cache's
             y_latent = kernels.mla_decode_attention(q_latent[:, 0].to(dtype), q_rope[:, 0].to(dtype), kv_latent,
-                                                    k_rope, self.softmax_scale, self.kernel_mode)[:, None]  # (B, 1, H, d_c)
+                                                    k_rope, self.softmax_scale)[:, None]  # (B, 1, H, d_c)
             return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)
         scores = torch.einsum("bthc,bsc->bhts", q_latent, kv_latent)  # (B, H, T, S)
         scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)

@@ -13,14 +13,13 @@ embedding and output head), in which three parts are chosen by config:
 and sample.py never need to know which parts a model has.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from engram import Engram, EngramConfig, EngramHasher
+from engram import Engram, EngramConfig, TokenizerCompression
 from mla import MLA, MLAConfig, apply_rope, rope_cos_sin
 from moe import MoE, MoEConfig, SwiGLU
 
@@ -29,25 +28,27 @@ from moe import MoE, MoEConfig, SwiGLU
 class GPTConfig:
     vocab_size: int = 8192       # set from the prepared data's meta.json
     block_size: int = 256        # longest context the model is trained on
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = 4             # transformer blocks
+    n_head: int = 4              # attention heads
+    n_embd: int = 128            # width of the residual stream
     ffn_hidden: int = 0          # dense SwiGLU width; 0 = 8/3 * n_embd rounded up to 32 (LLaMA's rule)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base
     attn: str = "mla"            # 'mha' | 'mla'
     ffn: str = "moe"             # 'dense' | 'moe'
-    kernels: str = "auto"        # 'auto' | 'triton' | 'torch': Triton kernels (kernels.py) on CUDA when available
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
 
     def __post_init__(self):
         if self.attn not in ("mha", "mla"):
-            raise ValueError(f"attn must be 'mha' or 'mla', got {self.attn!r}")
+            raise ValueError(f"--attn={self.attn}: expected mha or mla")
         if self.ffn not in ("dense", "moe"):
-            raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
-        if self.kernels not in kernels.KERNEL_MODES:
-            raise ValueError(f"kernels must be one of {', '.join(kernels.KERNEL_MODES)}, got {self.kernels!r}")
+            raise ValueError(f"--ffn={self.ffn}: expected dense or moe")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
+        if self.ffn_hidden < 0 or not self.rope_theta > 0:
+            raise ValueError(f"--ffn_hidden={self.ffn_hidden} must be >= 0 and --rope_theta={self.rope_theta} > 0")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         # one order everywhere: Engram slot k is the k-th Engram block from the bottom
@@ -60,23 +61,14 @@ class GPTConfig:
     def dense_hidden(self):
         return self.ffn_hidden or 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
-    def to_dict(self):
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d):
-        """Inverse of to_dict (nested sub-configs; JSON turns tuples into lists)."""
-        sub = {"mla": MLAConfig, "moe": MoEConfig, "engram": EngramConfig}
-        kwargs = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            v = d[f.name]
-            if f.name in sub:
-                sub_cls = sub[f.name]
-                v = sub_cls(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
-            kwargs[f.name] = v
-        return cls(**kwargs)
+        """Inverse of asdict: sub-configs rebuilt, JSON lists back to tuples, unknown keys ignored."""
+        def build(config_cls, values):
+            names = {f.name for f in fields(config_cls)}
+            return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+        subs = {"mla": MLAConfig, "moe": MoEConfig, "engram": EngramConfig}
+        return build(cls, {k: build(subs[k], v) if k in subs else v for k, v in d.items()})
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,35 +107,36 @@ class CausalSelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
-def make_block_parts(cfg: GPTConfig, layer_id: int):
-    """The one place that decides which attention, FFN and memory a block has."""
+def make_block_parts(cfg: GPTConfig, layer_id: int, n_canonical: int):
+    """The one place that decides which attention, FFN and memory a block has.
+    n_canonical: ids after Engram's tokenizer compression (its hash multipliers depend on it)."""
     if cfg.attn == "mla":
-        attn = MLA(cfg.n_embd, cfg.n_head, cfg.mla, cfg.rope_theta, kernel_mode=cfg.kernels)
+        attn = MLA(cfg.n_embd, cfg.n_head, cfg.mla, cfg.rope_theta)
     else:
         attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.rope_theta)
     if cfg.ffn == "moe" and layer_id >= cfg.moe.n_dense_layers:
-        ffn = MoE(cfg.n_embd, cfg.moe, kernel_mode=cfg.kernels)
+        ffn = MoE(cfg.n_embd, cfg.moe)
     else:
         ffn = SwiGLU(cfg.n_embd, cfg.dense_hidden)
     engram = None
     if layer_id in cfg.engram.engram_layers:
-        engram = Engram(cfg.n_embd, cfg.engram, cfg.engram.engram_layers.index(layer_id))
+        engram = Engram(cfg.n_embd, cfg.engram, cfg.engram.engram_layers.index(layer_id), n_canonical)
     return attn, ffn, engram
 
 
 class Block(nn.Module):
     """Pre-norm block: h += Engram(h) (paper §2.1 placement); h += Attn(norm h); h += FFN(norm h)."""
 
-    def __init__(self, cfg: GPTConfig, layer_id: int):
+    def __init__(self, cfg: GPTConfig, layer_id: int, n_canonical: int):
         super().__init__()
-        self.attn, self.ffn, self.engram = make_block_parts(cfg, layer_id)
+        self.attn, self.ffn, self.engram = make_block_parts(cfg, layer_id, n_canonical)
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
 
-    def forward(self, x, engram_memory=None, cache=None, start_pos=0):
+    def forward(self, x, context=None, cache=None, start_pos=0):
+        # x (B, T, C); context (B, P+T) canonical ids for Engram (None in a model without it)
         if self.engram is not None:
-            x = x + self.engram(x, engram_memory.get("rows"), None if cache is None else cache.setdefault("engram", {}),
-                                memory=engram_memory.get("memory"))
+            x = x + self.engram(x, context, None if cache is None else cache.setdefault("engram", {}))
         x = x + self.attn(self.attn_norm(x), None if cache is None else cache.setdefault("attn", {}), start_pos)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -160,19 +153,19 @@ class Cache:
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, token_bytes=None):
-        """token_bytes: raw bytes of each token id, for Engram's tokenizer
-        compression (data.Tokenizer.token_bytes()); None = no compression table
-        (e.g. when it will be loaded from a checkpoint anyway)."""
+        """token_bytes: each token id's raw bytes (data.Tokenizer.token_bytes()) for Engram's tokenizer
+        compression; None = no compression table (e.g. when a checkpoint will bring it)."""
         super().__init__()
         self.cfg = cfg
+        self.compression = None  # Engram's canonical ids, shared by all its layers
+        if cfg.engram.engram_layers:
+            self.compression = TokenizerCompression(cfg.engram, cfg.vocab_size, token_bytes)
+        n_canonical = self.compression.n_canonical if self.compression else cfg.vocab_size
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, n_canonical) for i in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
-        self.engram_hasher = None
-        if cfg.engram.engram_layers:
-            self.engram_hasher = EngramHasher(cfg.engram, cfg.vocab_size, token_bytes)
         self.init_weights()
 
     def init_weights(self):
@@ -198,13 +191,15 @@ class GPT(nn.Module):
         if start_pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size={self.cfg.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
-        memories = self.engram_memories(idx, None if cache is None else cache.engram_prefix)
+        context = None
+        if self.compression is not None:  # (B, P+T) what every Engram layer hashes
+            context = self.compression(idx, None if cache is None else cache.engram_prefix)
         for i, block in enumerate(self.blocks):
-            x = block(x, memories.get(i), None if cache is None else cache.layers[i], start_pos)
+            x = block(x, context, None if cache is None else cache.layers[i], start_pos)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         if cache is not None:
             cache.pos += T
-            if self.engram_hasher is not None:
+            if self.compression is not None:
                 keep = max(self.cfg.engram.ngram_orders) - 1
                 # -1 marks "before the sequence" (Engram reads it as its pad id), so the prefix
                 # always holds keep columns, even after a one-token prompt
@@ -215,25 +210,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss = loss + self.aux_loss()
         return logits, loss
-
-    def engram_memories(self, idx, prefix):
-        """What each Engram block looks up, hashed once per forward for all of them.
-
-        PyTorch: the hash rows of every Engram layer at once ({"rows": (B, T, heads)}
-        per block). Triton: one fused hash-and-gather kernel per layer returns the
-        memory vector e_t itself ({"memory": (B, T, d_mem)})."""
-        if self.engram_hasher is None:
-            return {}
-        blocks = [i for i, b in enumerate(self.blocks) if b.engram is not None]
-        h = self.engram_hasher
-        if kernels.use_triton(self.cfg.kernels, idx.device):
-            context = h.canonical_context(idx, prefix)  # (B, max_order - 1 + T) canonical ids
-            return {i: {"memory": kernels.engram_lookup(
-                context, h.multipliers[slot], h.head_primes[slot], h.head_offsets[slot], h.ngram_orders,
-                h.heads_per_order, self.blocks[i].engram.table.weight, self.cfg.kernels)}
-                for slot, i in enumerate(blocks)}
-        rows = h(idx, prefix)  # (n_engram_layers, B, T, heads)
-        return {i: {"rows": rows[slot]} for slot, i in enumerate(blocks)}
 
     def aux_loss(self):
         """Sum of the MoE layers' sequence-wise balance losses (zero when disabled)."""
@@ -256,17 +232,19 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Sample max_new_tokens continuations of idx (B, T); yields each new (B, 1) token.
 
-        With use_cache the prompt is processed once and every later step feeds
-        only the newest token. Without it, every step re-runs the whole context
-        (the reference the cache is tested against). temperature=0 is greedy.
+        The model sees the last block_size tokens at most, as nanoGPT crops its context. With
+        use_cache that window is processed once and each later step feeds only the newest token;
+        a full cache is rebuilt from the last block_size tokens (positions, Engram's n-gram tail
+        and conv state restart with the window, as the crop is seen without a cache). Without
+        use_cache each step re-runs the cropped context: the reference the cache is tested
+        against. temperature=0 is greedy.
         """
-        if idx.size(1) + max_new_tokens > self.cfg.block_size:
-            raise ValueError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds block_size={self.cfg.block_size}")
-        cache = Cache(self.cfg.n_layer) if use_cache else None
-        seq, step_input = idx, idx
+        seq, cache = idx, None
         for _ in range(max_new_tokens):
-            logits, _ = self(step_input if use_cache else seq, cache=cache)
+            if not use_cache or cache is None or cache.pos == self.cfg.block_size:
+                cache = Cache(self.cfg.n_layer) if use_cache else None
+                step_input = seq[:, -self.cfg.block_size:]  # (B, <= block_size)
+            logits, _ = self(step_input, cache=cache)
             logits = logits[:, -1, :].float()  # (B, vocab)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
@@ -279,19 +257,18 @@ class GPT(nn.Module):
             seq, step_input = torch.cat([seq, nxt], dim=1), nxt
             yield nxt
 
-    def configure_optimizer(self, learning_rate, weight_decay, betas, device_type="cpu"):
-        """AdamW with weight decay on matrices only (norm gains and vectors are not decayed).
-
-        A module may ask for its own groups by defining custom_param_groups(),
-        returning dicts with 'params', 'lr_mult' and 'weight_decay' (Engram's
-        tables: 5x learning rate, no decay, as in the paper). Every group
-        carries lr_mult so train.py's schedule can scale it.
+    def configure_optimizers(self, learning_rate, weight_decay, betas, device_type="cpu"):
+        """[AdamW] with weight decay on matrices only (norm gains and vectors are not decayed),
+        [+ SparseAdam] (lazy Adam) for groups marked sparse, which then touches only the rows
+        a batch looked up; train.py steps the list together. A module may ask for its own
+        groups with custom_param_groups(): dicts with 'params', 'lr_mult', 'weight_decay' and
+        'sparse' (Engram's tables: lr x 5, no decay). lr_mult lets train.py's schedule scale each.
         """
-        groups, claimed = [], set()
+        groups, sparse_groups, claimed = [], [], set()
         for m in self.modules():
             if m is not self and hasattr(m, "custom_param_groups"):
                 for g in m.custom_param_groups():
-                    groups.append({**g, "lr": learning_rate * g["lr_mult"]})
+                    (sparse_groups if g["sparse"] else groups).append({**g, "lr": learning_rate * g["lr_mult"]})
                     claimed.update(id(p) for p in g["params"])
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]
         decay = [p for p in params if p.dim() >= 2]
@@ -301,7 +278,19 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "lr": learning_rate},
         ]
         fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if sparse_groups:  # same betas and eps; SparseAdam has no weight decay (EngramConfig checks it is 0)
+            optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=learning_rate, betas=betas))
+        return optimizers
+
+    def sparse_param_names(self):
+        """Parameters with sparse gradients: DDP must skip them; average_sparse_grads() averages them."""
+        return [f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+    def average_sparse_grads(self):
+        for m in self.modules():
+            if isinstance(m, Engram) and m.table.sparse and m.table.weight.grad is not None:
+                m.average_table_grad()
 
     def param_counts(self):
         """Parameter counts: total, active per token, and Engram tables.
@@ -315,3 +304,14 @@ class GPT(nn.Module):
         inactive = sum(m.n_inactive_params() for m in self.modules() if isinstance(m, MoE))
         tables = sum(m.n_table_params() for m in self.modules() if isinstance(m, Engram))
         return {"total": total, "active": total - inactive - tables, "engram_tables": tables}
+
+
+def dense_ffn_hidden(cfg: GPTConfig, target_active: int, multiple: int = 1) -> int:
+    """ffn_hidden of a dense-FFN model like cfg whose active parameters come closest to
+    target_active, rounded to a multiple. Active parameters grow linearly with the width
+    (3 * n_embd per unit per layer), so two probes give the line and one solve the width."""
+    def active(hidden):
+        return GPT(replace(cfg, ffn="dense", ffn_hidden=hidden)).param_counts()["active"]
+    a64, a128 = active(64), active(128)
+    hidden = 64 + (target_active - a64) * 64 / (a128 - a64)
+    return max(multiple, multiple * round(hidden / multiple))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels  # optional Triton grouped GEMM; it imports triton only if installed
+import kernels  # the experts' SwiGLU: a per-expert loop, or a Triton grouped GEMM on a GPU
 
 
 class SwiGLU(nn.Module):
@@ -121,34 +121,14 @@ def route(scores, expert_bias, cfg):
 # -----------------------------------------------------------------------------
 # dispatch: sort (token, expert) pairs by expert, run each expert on its segment
 
-def grouped_swiglu(x_sorted, counts, w1, w3, w2):
-    """SwiGLU of each contiguous expert segment with that expert's weights.
-
-    x_sorted: (M, dim), rows grouped by expert in order 0..E-1;
-    counts: (E,) rows per expert; w1, w3: (E, inter, dim); w2: (E, dim, inter).
-    Returns (M, dim) in the same (sorted) row order. This per-expert loop is the
-    PyTorch reference that a grouped-GEMM kernel replaces (kernels.py).
-    """
-    outputs = []
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:  # idle expert: nothing to compute, dropless routing is unaffected
-            continue
-        seg = x_sorted[start:start + n]  # (n, dim)
-        hidden = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())  # (n, inter)
-        outputs.append(hidden @ w2[e].t())  # (n, dim)
-        start += n
-    if not outputs:
-        return x_sorted.new_zeros(x_sorted.shape)
-    return torch.cat(outputs, dim=0)
-
-
-def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2, kernel_mode="torch"):
+def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2):
     """Dropless routed-expert output without a loop over tokens.
 
     x: (N, dim); expert_ids, weights: (N, k). Returns (N, dim) = sum over each token's
     chosen experts of weight * expert(x), and the per-expert token counts (E,).
-    kernel_mode ('auto' | 'triton' | 'torch') picks the grouped-GEMM kernel or the loop.
+    Each expert's SwiGLU runs on its contiguous segment of the sorted rows:
+    kernels.moe_grouped_swiglu, a loop of three matmuls per expert in PyTorch, or one
+    grouped-GEMM launch for all experts on a GPU.
     """
     N, k = expert_ids.shape
     n_experts = w1.shape[0]
@@ -156,7 +136,7 @@ def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2, kernel_mode="torch")
     order = flat_ids.argsort(stable=True)  # (N*k,) pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=n_experts)  # (E,)
     token_of_pair = order // k  # (N*k,)
-    y_sorted = kernels.moe_grouped_swiglu(x[token_of_pair], counts, w1, w3, w2, kernel_mode)  # (N*k, dim)
+    y_sorted = kernels.moe_grouped_swiglu(x[token_of_pair], counts, w1, w3, w2)  # (N*k, dim)
     y_sorted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)
     y = y_sorted.new_zeros(N, x.shape[1]).index_add(0, token_of_pair, y_sorted)  # (N, dim)
     return y, counts
@@ -187,13 +167,9 @@ def sequence_balance_loss(scores, expert_ids, n_experts, batch_size, alpha):
 class MoE(nn.Module):
     """Shared experts + top-k routed fine-grained experts (DeepSeekMoE, V3 §2.1.2)."""
 
-    def __init__(self, dim, cfg, kernel_mode="torch"):
+    def __init__(self, dim, cfg: MoEConfig):
         super().__init__()
-        self.kernel_mode = kernel_mode  # --kernels: Triton grouped GEMM or the per-expert loop
-        E, k = cfg.n_routed_experts, cfg.n_activated_experts
-        assert E % cfg.n_expert_groups == 0, "n_routed_experts must divide into n_expert_groups"
-        assert cfg.n_limited_groups <= cfg.n_expert_groups
-        assert k <= cfg.n_limited_groups * (E // cfg.n_expert_groups), "top-k needs enough experts in the kept groups"
+        E = cfg.n_routed_experts
         self.cfg = cfg
         self.dim = dim
         self.gate = nn.Linear(dim, E, bias=False)  # router; row i is the centroid e_i
@@ -221,8 +197,7 @@ class MoE(nn.Module):
         x_flat = x.reshape(B * T, dim)  # (N, dim)
         scores = router_scores(self.gate(x_flat), self.cfg.score_func)  # (N, E) float32
         weights, expert_ids = route(scores, self.expert_bias, self.cfg)  # (N, k), (N, k)
-        y, counts = dispatch_to_experts(x_flat, expert_ids, weights, self.w1, self.w3, self.w2,
-                                        self.kernel_mode)  # (N, dim)
+        y, counts = dispatch_to_experts(x_flat, expert_ids, weights, self.w1, self.w3, self.w2)  # (N, dim)
         if self.shared is not None:
             y = y + self.shared(x_flat)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli
 import compare
 import train
 from model import GPT
@@ -86,7 +87,8 @@ def test_end_to_end_writes_results_and_skips_finished_runs(prepared, tmp_path):
 
 def tiny_base(**extra):
     """Base flags as compare.main builds them, at dims where the vocabulary dominates like in real runs."""
-    flags = train.parse_flags(TINY + ["--n_embd=64", "--n_routed_experts=8", "--moe_inter_dim=32"])
+    argv = TINY + ["--n_embd=64", "--n_routed_experts=8", "--moe_inter_dim=32"]
+    flags = cli.parse_flags(argv, cli.flat_fields(train.TrainConfig()))
     return {**flags, **{k: str(v) for k, v in extra.items()}}
 
 

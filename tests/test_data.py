@@ -1,4 +1,6 @@
 """Tests for data.py: text -> tokens -> compact vocabulary -> memmaps -> batches, and the download path."""
+import dataclasses
+import json
 import multiprocessing.pool
 import os
 import re
@@ -16,9 +18,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 import data  # noqa: E402
-from data import (DataConfig, DataError, Tokenizer, get_batch, load_or_prepare, load_tokens,  # noqa: E402
-                  prepare, val_starts)
+from data import (DataConfig, DataError, Tokenizer, get_batch, load_meta, load_or_prepare,  # noqa: E402
+                  load_tokens, prepare, val_starts)
 
 SHARED = REPO.parent / "shared"
 from stories import EOT, make_stories, write_stories  # noqa: E402
@@ -184,12 +187,13 @@ def assert_one_line_error(stderr):
 
 def test_cli_bad_source_exits_with_one_line(tmp_path):
     result = run_cli(f"--source={tmp_path / 'nope'}", f"--data_dir={tmp_path / 'd'}")
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert_one_line_error(result.stderr)
     assert str(tmp_path / "nope") in result.stderr
 
 
 @pytest.mark.parametrize("args", [["--bogus=1"], ["--vocab=small"], ["--max_train_mb", "lots"], ["--max_train_mb=-1"],
+                                  ["--max_train_mb=nan"], ["--max_train_mb=inf"], ["--data_dir="],
                                   ["--source"], ["positional"], ["--sou=abbreviated"]])
 def test_cli_bad_flags_exit_2_with_one_line(args, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -199,7 +203,7 @@ def test_cli_bad_flags_exit_2_with_one_line(args, capsys):
 
 
 def test_cli_accepts_both_flag_forms():
-    assert data.parse_args(["--source", "x", "--vocab=gpt2", "--max_train_mb=1.5"]) == \
+    assert cli.parse(DataConfig(), ["--source", "x", "--vocab=gpt2", "--max_train_mb=1.5"], data.__doc__) == \
         DataConfig(source="x", vocab="gpt2", max_train_mb=1.5)
 
 
@@ -214,6 +218,238 @@ def test_load_or_prepare_reuses_only_matching_files(tmp_path, source, monkeypatc
     load_or_prepare(DataConfig(data_dir=str(tmp_path / "d"), source=str(source), vocab="gpt2"))
     load_or_prepare(DataConfig(data_dir=str(tmp_path / "d"), source=str(source), max_train_mb=1))
     assert len(calls) == 2
+
+
+def test_cli_help_lists_every_flag_with_its_default():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    for field in dataclasses.fields(DataConfig):
+        assert f"--{field.name}={getattr(DataConfig(), field.name)} " in result.stdout
+
+
+def test_cli_ctrl_c_keeps_its_message_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "prepare", interrupted)
+    assert data.main([f"--data_dir={tmp_path / 'd'}"]) == 130
+    assert capsys.readouterr().err.strip() == "data.py: interrupted; rerun to resume"
+
+
+def test_cli_files_are_reused_with_the_default_settings(tmp_path, source, monkeypatch):
+    # data.py and train.py share DataConfig's defaults (64 MiB), so train.py finds the files data.py wrote
+    assert data.main([f"--source={source}", f"--data_dir={tmp_path / 'd'}"]) == 0
+    monkeypatch.setattr(data, "prepare", lambda cfg: pytest.fail("prepared the same data twice"))
+    assert load_or_prepare(DataConfig(data_dir=str(tmp_path / "d"), source=str(source)))["max_train_mb"] == 64.0
+
+
+# -----------------------------------------------------------------------------
+# Bad inputs: each one ends as a one-line error saying how to fix it, or as correct behaviour,
+# and nothing that was on disk is lost
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def assert_one_line(err):
+    assert "\n" not in str(err) and "Traceback" not in str(err)
+
+
+@pytest.mark.parametrize("fields, flag", [
+    ({"vocab": "small"}, "--vocab=small: expected compact or gpt2"),
+    ({"max_train_mb": -1}, "--max_train_mb=-1"), ({"max_train_mb": float("nan")}, "--max_train_mb=nan"),
+    ({"max_train_mb": float("inf")}, "--max_train_mb=inf"), ({"max_train_mb": "5"}, "--max_train_mb=5"),
+    ({"data_dir": ""}, "--data_dir is empty")])
+def test_config_rejects_bad_values_naming_the_flag(fields, flag):
+    with pytest.raises(ValueError, match=re.escape(flag)) as err:
+        DataConfig(**fields)
+    assert_one_line(err.value)
+
+
+def damage_file(path, how):
+    """Spoil a prepared file the ways a crash, a full disk or another program would."""
+    good = path.read_bytes()
+    if how == "cut short":
+        path.write_bytes(good[:len(good) // 4 * 2])
+    elif how == "odd size":
+        path.write_bytes(good + b"\0")
+    elif how == "random bytes":   # as long as the real file, but ids far outside the vocabulary
+        path.write_bytes(np.random.default_rng(0).integers(0, 2**16, len(good) // 2, dtype=np.uint16).tobytes())
+    elif how == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize("how, message", [("cut short", r"holds [\d,]+ tokens but .*meta.json says [\d,]+ \(cut short"),
+                                          ("odd size", "has an odd size"), ("random bytes", "holds token id"),
+                                          ("missing", "is missing")])
+def test_load_tokens_checks_the_file_against_meta(tmp_path, source, how, message):
+    d = tmp_path / "d"
+    meta = prepare(DataConfig(data_dir=str(d), source=str(source)))
+    damage_file(d / "train.bin", how)
+    before = snapshot(d)
+    with pytest.raises(DataError, match=message) as err:
+        load_tokens(d, "train", meta)
+    assert_one_line(err.value)
+    assert str(d / "train.bin") in str(err.value)
+    assert f"rebuild with python data.py --data_dir={d} --source={source.resolve()}" in str(err.value)
+    assert len(load_tokens(d, "val", meta)) == meta["val_tokens"]    # the whole file passes
+    assert snapshot(d) == before
+
+
+def test_odd_sized_token_file_is_one_line_even_without_meta(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"\1\0\2")
+    with pytest.raises(DataError, match="odd size") as err:
+        load_tokens(tmp_path, "train")
+    assert_one_line(err.value)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda text: text[:len(text) // 2], "is not valid JSON"),
+    (lambda text: b"\xff\xfe" + text, "is not valid JSON"),
+    (lambda text: b"[1, 2]", "holds a JSON list, not an object"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "train_tokens"}).encode(),
+     "lacks train_tokens"),
+    (lambda text: json.dumps({**json.loads(text), "vocab_size": "12"}).encode(), "has a str for vocab_size"),
+    (lambda text: json.dumps({**json.loads(text), "gpt2_ids": [-1, 99999]}).encode(), "has gpt2_ids outside"),
+    (lambda text: json.dumps({**json.loads(text), "vocab_size": 7}).encode(), "says vocab_size 7 but")])
+def test_load_meta_rejects_a_damaged_meta_json(tmp_path, source, spoil, message):
+    d = tmp_path / "d"
+    prepare(DataConfig(data_dir=str(d), source=str(source)))
+    (d / "meta.json").write_bytes(spoil((d / "meta.json").read_bytes()))
+    before = snapshot(d)
+    for load in (load_meta, Tokenizer.load):
+        with pytest.raises(DataError, match=re.escape(f"{d / 'meta.json'} ") + message) as err:
+            load(d)
+        assert_one_line(err.value)
+        assert f"rebuild with python data.py --data_dir={d}" in str(err.value)
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("name, how", [("meta.json", "cut short"), ("train.bin", "cut short"),
+                                       ("val.bin", "random bytes"), ("val.bin", "missing")])
+def test_load_or_prepare_rebuilds_damaged_files_saying_why(tmp_path, source, name, how, capsys):
+    cfg = DataConfig(data_dir=str(tmp_path / "d"), source=str(source))
+    first = load_or_prepare(cfg)
+    files = snapshot(tmp_path / "d")
+    damage_file(tmp_path / "d" / name, how)
+    capsys.readouterr()
+    meta = load_or_prepare(cfg)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "again" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"data: {tmp_path / 'd' / name} ")
+    assert notes[0].endswith("; preparing the data again")
+    volatile = ("created", "prepare_seconds")
+    assert {k: v for k, v in meta.items() if k not in volatile} == {k: v for k, v in first.items() if k not in volatile}
+    for split in ("train", "val"):
+        assert (tmp_path / "d" / f"{split}.bin").read_bytes() == files[Path(f"{split}.bin")]
+
+
+@pytest.mark.parametrize("change, note", [({"vocab": "gpt2"}, "vocab: compact -> gpt2"),
+                                          ({"max_train_mb": 1}, "max_train_mb: 64.0 -> 1.0"),
+                                          ({"source": "other"}, "source: {src} -> {other}")])
+def test_load_or_prepare_says_which_setting_changed(tmp_path, source, change, note, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (other / name).write_bytes((source / name).read_bytes())
+    change = {k: str(other) if v == "other" else v for k, v in change.items()}
+    load_or_prepare(DataConfig(data_dir=str(tmp_path / "d"), source=str(source)))
+    capsys.readouterr()
+    meta = load_or_prepare(DataConfig(**{"data_dir": str(tmp_path / "d"), "source": str(source), **change}))
+    assert all(meta[k] == (str(other.resolve()) if k == "source" else v) for k, v in change.items())
+    notes = [line for line in capsys.readouterr().out.splitlines() if "again" in line]
+    assert notes == [f"data: {tmp_path / 'd'} was prepared with other settings "
+                     f"({note.format(src=source.resolve(), other=other.resolve())}); preparing the data again"]
+
+
+def test_data_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path, source):
+    notes = tmp_path / "data"
+    notes.write_text("my notes")
+    for call in (prepare, load_or_prepare):
+        with pytest.raises(DataError, match=re.escape(f"--data_dir={notes} is a file, not a folder")) as err:
+            call(DataConfig(data_dir=str(notes), source=str(source)))
+        assert_one_line(err.value)
+    result = run_cli(f"--data_dir={notes}", f"--source={source}")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr)
+    assert notes.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("with_val_file", [True, False])
+def test_text_that_is_not_utf8_becomes_u_fffd_with_one_warning_per_file(tmp_path, stories, with_val_file, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    text = "".join(f"\n{s}\n{EOT}\n" for s in stories["train"]).encode()
+    raw = text.replace("café".encode(), "café".encode("latin-1"))          # é as one Latin-1 byte
+    raw += f"\nA broken euro \xe2\x82 sign.\n{EOT}\n".encode("latin-1")     # a UTF-8 sequence cut short
+    n_bad = raw.count("café".encode("latin-1")) + 2
+    (src / "train.txt").write_bytes(raw)
+    if with_val_file:
+        write_stories(src / "valid.txt", stories["val"])
+    before = snapshot(src)
+    meta = prepare(DataConfig(data_dir=str(tmp_path / "d"), source=str(src), vocab="gpt2"))   # no <unk> in val
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"data: warning: {n_bad} bytes of {src.resolve() / 'train.txt'} are not valid UTF-8 and "
+                        "became U+FFFD (convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8)"]
+    replaced = [s.strip() for s in raw.decode("utf-8", "replace").split(EOT) if s.strip()]  # as before: U+FFFD
+    tok = Tokenizer.from_meta(meta)
+    got = tok.decode(np.concatenate([load_tokens(tmp_path / "d", split) for split in ("train", "val")]))
+    want = replaced + [s.strip() for s in stories["val"]] if with_val_file else replaced
+    assert got == "".join(s + EOT for s in want)
+    assert snapshot(src) == before
+
+
+def corrupt_gzip(gz: bytes, how: str) -> bytes:
+    if how == "not gzip":
+        return b"plain text, not gzip\n"
+    if how == "cut short":
+        return gz[:len(gz) // 2]
+    spoiled = bytearray(gz)
+    if how == "bad crc":
+        spoiled[-6] ^= 0xFF                      # inside the CRC32 of the trailer
+    else:                                        # "bad data": garbage in the middle of the deflate stream
+        spoiled[len(gz) // 2:len(gz) // 2 + 20] = b"\xff" * 20
+    return bytes(spoiled)
+
+
+@pytest.mark.parametrize("how", ["not gzip", "cut short", "bad crc", "bad data"])
+def test_corrupt_gzip_source_is_one_line_and_keeps_the_old_data(tmp_path, source, stories, how):
+    d = tmp_path / "d"
+    good = prepare(DataConfig(data_dir=str(d), source=str(source)))
+    before = snapshot(d)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    gz = write_stories(bad / "TinyStories-train.txt.gz", stories["train"])
+    gz.write_bytes(corrupt_gzip(gz.read_bytes(), how))
+    write_stories(bad / "TinyStories-valid.txt", stories["val"])
+    with pytest.raises(DataError, match=re.escape(f"{gz.resolve()} is not a whole gzip file")) as err:
+        prepare(DataConfig(data_dir=str(d), source=str(bad)))
+    assert_one_line(err.value)
+    assert snapshot(d) == before                 # the earlier files are whole and still in use
+    assert load_or_prepare(DataConfig(data_dir=str(d), source=str(source))) == good
+
+
+@pytest.mark.parametrize("plain, with_val_file", [("train.txt", True), ("valid.txt", True), ("train.txt", False)])
+def test_source_without_separators_says_so(tmp_path, stories, plain, with_val_file):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_stories(src / "train.txt", stories["train"])
+    if with_val_file:
+        write_stories(src / "valid.txt", stories["val"])
+    (src / plain).write_text("\n\n".join(stories["train"]), encoding="utf-8")   # stories, but no <|endoftext|>
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(data_dir=str(tmp_path / "d"), source=str(src)))
+    assert_one_line(err.value)
+    assert str(err.value).startswith(f"{src.resolve() / plain} has no <|endoftext|> separator at all: "
+                                     "each story must end with a line holding only <|endoftext|>")
+
+
+def test_get_batch_ranks_take_their_slices_of_one_global_batch(tmp_path):
+    np.arange(500, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    tokens = load_tokens(tmp_path, "train")
+    x, y = get_batch(tokens, 8, 16, np.random.default_rng(7), "cpu")
+    parts = [get_batch(tokens, 4, 16, np.random.default_rng(7), "cpu", rank=rank, world=2) for rank in (0, 1)]
+    assert all(px.shape == (4, 16) for px, _ in parts)
+    assert torch.equal(torch.cat([px for px, _ in parts]), x) and torch.equal(torch.cat([py for _, py in parts]), y)
 
 
 def test_get_batch_windows_in_range_and_shifted(tmp_path):
@@ -294,7 +530,7 @@ def test_download_resumes_part_file(tmp_path, source, hub, honour_range):
     raw = tmp_path / "d" / "raw"
     raw.mkdir(parents=True)
     (raw / "TinyStories-train.txt.part").write_bytes(train[:1000])    # an earlier, interrupted download
-    meta = prepare(DataConfig(data_dir=str(tmp_path / "d")))
+    meta = prepare(DataConfig(data_dir=str(tmp_path / "d"), max_train_mb=0))
     assert ("TinyStories-train.txt", "bytes=1000-") in hub.requests
     assert ("TinyStories-valid.txt", None) in hub.requests
     assert (raw / "TinyStories-train.txt").read_bytes() == train      # resumed (or restarted), never doubled
@@ -312,7 +548,7 @@ def test_download_keeps_a_whole_part_file(tmp_path, hub):
     raw = tmp_path / "d" / "raw"
     raw.mkdir(parents=True)
     (raw / "TinyStories-train.txt.part").write_bytes(train)   # finished, but interrupted before the rename
-    prepare(DataConfig(data_dir=str(tmp_path / "d")))
+    prepare(DataConfig(data_dir=str(tmp_path / "d"), max_train_mb=0))
     assert ("TinyStories-train.txt", f"bytes={len(train)}-") in hub.requests   # answered 416
     assert (raw / "TinyStories-train.txt").read_bytes() == train
 

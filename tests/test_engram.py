@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from engram import (Engram, EngramConfig, EngramHasher, build_canonical_ids, compression_reduction,
-                    head_table_sizes, normalize_token)
+from engram import (Engram, EngramConfig, TokenizerCompression, build_canonical_ids, compression_reduction,
+                    hash_multipliers, head_table_sizes, normalize_token, table_params)
+from kernels import hash_ngrams
 
 V = 300  # small made-up vocabulary for the hashing tests
 
@@ -19,6 +20,20 @@ def naive_is_prime(n):  # independent of engram.is_prime: every divisor from 2 t
     return n >= 2 and all(n % d for d in range(2, n))
 
 
+class Hasher:
+    """Every Engram layer's rows for some ids, as the model computes them: TokenizerCompression's
+    canonical context, hashed with each layer's own multipliers and primes (kernels.hash_ngrams)."""
+
+    def __init__(self, cfg, vocab=V, token_bytes=None):
+        self.cfg, self.compression = cfg, TokenizerCompression(cfg, vocab, token_bytes)
+        self.layers = [Engram(32, cfg, slot, self.compression.n_canonical) for slot in range(len(cfg.engram_layers))]
+
+    def __call__(self, ids, prefix=None):  # -> (L, B, T, H)
+        context = self.compression(ids, prefix)
+        return torch.stack([hash_ngrams(context, l.multipliers, l.head_primes, l.head_offsets, self.cfg.ngram_orders,
+                                        self.cfg.engram_heads_per_order) for l in self.layers])
+
+
 # ----------------------------------------------------------------------------- hashing
 
 def test_head_sizes_are_distinct_primes_shared_by_hasher_and_layers():
@@ -28,66 +43,71 @@ def test_head_sizes_are_distinct_primes_shared_by_hasher_and_layers():
     assert len(sizes) == 2 and all(len(layer) == 8 for layer in sizes)
     assert len(set(flat)) == len(flat)
     assert all(naive_is_prime(p) and p >= cfg.engram_rows_per_head for p in flat)
-    hasher = EngramHasher(cfg, V)
     for slot in range(2):
-        layer = Engram(32, cfg, layer_slot=slot)
-        assert hasher.head_primes[slot].tolist() == layer.head_sizes
-        assert layer.table.num_embeddings == sum(layer.head_sizes)
+        layer = Engram(32, cfg, slot, V)
+        assert layer.head_primes.tolist() == sizes[slot]
+        assert layer.head_offsets.tolist() == [sum(sizes[slot][:h]) for h in range(8)]
+        assert layer.table.num_embeddings == sum(sizes[slot])
+    assert table_params(cfg) == 4 * sum(map(sum, sizes))  # head_dim = engram_dim_per_order / heads = 16 / 4
 
 
 def reference_rows(hasher, ids):
     """The hash formula in plain Python integers, position by position."""
-    canon = hasher.canonical_ids.tolist()
-    pad = int(hasher.pad_id)
-    L, H = hasher.head_primes.shape
-    out = torch.zeros(L, *ids.shape, H, dtype=torch.long)
-    for layer in range(L):
-        mult = hasher.multipliers[layer].tolist()
+    canon = hasher.compression.canonical_ids.tolist()
+    pad = int(hasher.compression.pad_id)
+    orders, per_order = hasher.cfg.ngram_orders, hasher.cfg.engram_heads_per_order
+    H = len(orders) * per_order
+    out = torch.zeros(len(hasher.layers), *ids.shape, H, dtype=torch.long)
+    for i, layer in enumerate(hasher.layers):
+        mult = layer.multipliers.tolist()
         for b in range(ids.shape[0]):
-            seq = [canon[i] for i in ids[b].tolist()]
+            seq = [canon[c] for c in ids[b].tolist()]
             for t in range(len(seq)):
                 for h in range(H):
-                    n = hasher.ngram_orders[h // hasher.heads_per_order]
                     mix = 0
-                    for j in range(n):
+                    for j in range(orders[h // per_order]):
                         mix ^= (seq[t - j] if t - j >= 0 else pad) * mult[j]
-                    prime, offset = int(hasher.head_primes[layer, h]), int(hasher.head_offsets[layer, h])
-                    out[layer, b, t, h] = mix % prime + offset
+                    out[i, b, t, h] = mix % int(layer.head_primes[h]) + int(layer.head_offsets[h])
     return out
 
 
 def test_hash_is_deterministic_and_matches_reference():
     cfg = small_cfg()
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
-    a, b = EngramHasher(cfg, V), EngramHasher(cfg, V)
-    assert torch.equal(a.multipliers, b.multipliers)
+    a, b = Hasher(cfg), Hasher(cfg)
+    mult = hash_multipliers(cfg, a.compression.n_canonical)  # (L, max_order)
+    assert torch.equal(mult, torch.stack([layer.multipliers for layer in a.layers]))
     assert torch.equal(a(ids), b(ids))
     assert torch.equal(a(ids), reference_rows(a, ids))
-    assert (a.multipliers % 2 == 1).all()
-    assert (a.multipliers < 2**62 // (a.n_canonical + 1)).all()  # products cannot overflow
-    assert not torch.equal(a.multipliers[0], a.multipliers[1])  # each layer its own hash
-    other = EngramHasher(small_cfg(engram_seed=1), V)
-    assert not torch.equal(a.multipliers, other.multipliers)
+    assert (mult % 2 == 1).all()
+    assert (mult < 2**62 // (a.compression.n_canonical + 1)).all()  # products cannot overflow
+    assert not torch.equal(mult[0], mult[1])  # each layer its own hash
+    assert not torch.equal(mult, hash_multipliers(small_cfg(engram_seed=1), a.compression.n_canonical))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_hash_same_on_cuda():
-    hasher = EngramHasher(small_cfg(), V)
+    hasher = Hasher(small_cfg())
     ids = torch.randint(0, V, (3, 40))
-    assert torch.equal(hasher.to("cuda")(ids.cuda()).cpu(), hasher.cpu()(ids))
+    cpu_rows = hasher(ids)
+    hasher.compression.cuda()
+    for layer in hasher.layers:
+        layer.cuda()
+    assert torch.equal(hasher(ids.cuda()).cpu(), cpu_rows)
 
 
 def test_rows_stay_inside_their_head_range():
-    hasher = EngramHasher(small_cfg(engram_rows_per_head=7), V)
+    hasher = Hasher(small_cfg(engram_rows_per_head=7))
     ids = torch.randint(0, V, (4, 50))
     prefix = torch.randint(-1, V, (4, 2))
+    lo = torch.stack([layer.head_offsets for layer in hasher.layers])[:, None, None, :]
+    hi = lo + torch.stack([layer.head_primes for layer in hasher.layers])[:, None, None, :]
     for rows in (hasher(ids), hasher(ids, prefix)):
-        lo = hasher.head_offsets[:, None, None, :]
-        assert (rows >= lo).all() and (rows < lo + hasher.head_primes[:, None, None, :]).all()
+        assert (rows >= lo).all() and (rows < hi).all()
 
 
 def test_same_ngram_same_rows_at_any_position():
-    hasher = EngramHasher(small_cfg(), V)
+    hasher = Hasher(small_cfg())
     ids = torch.randint(0, V, (1, 40))
     ids[0, 5:8] = torch.tensor([11, 22, 33])
     ids[0, 30:33] = torch.tensor([11, 22, 33])
@@ -97,14 +117,14 @@ def test_same_ngram_same_rows_at_any_position():
 
 
 def test_earliest_token_of_ngram_changes_almost_all_heads():
-    hasher = EngramHasher(small_cfg(), V)
+    hasher = Hasher(small_cfg())
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, V, (8, 30), generator=gen)
     s = 10
     changed = ids.clone()
     changed[:, s] = (ids[:, s] + torch.randint(1, V, (8,), generator=gen)) % V
     before, after = hasher(ids), hasher(changed)
-    for i, n in enumerate(hasher.ngram_orders):
+    for i, n in enumerate(hasher.cfg.ngram_orders):
         heads = slice(4 * i, 4 * i + 4)
         t = s + n - 1  # the n-gram ending at t starts with the changed token
         frac = (before[:, :, t, heads] != after[:, :, t, heads]).float().mean()
@@ -115,7 +135,7 @@ def test_earliest_token_of_ngram_changes_almost_all_heads():
 
 
 def test_prefix_continues_the_sequence():
-    hasher = EngramHasher(small_cfg(), V)
+    hasher = Hasher(small_cfg())
     ids = torch.randint(0, V, (2, 20))
     full = hasher(ids)
     for k in (2, 9, 19):
@@ -152,7 +172,7 @@ def test_compression_on_gpt2_vocab():
     except Exception as err:  # no cached BPE files and no network
         pytest.skip(f"GPT-2 encoding unavailable: {err}")
     token_bytes = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
-    hasher = EngramHasher(EngramConfig(engram_compress=True), enc.n_vocab, token_bytes)
+    hasher = TokenizerCompression(EngramConfig(engram_compress=True), enc.n_vocab, token_bytes)
     canon = hasher.canonical_ids
     one = lambda s: enc.encode(s)[0]  # noqa: E731  (all single GPT-2 tokens)
     assert canon[one(" Hello")] == canon[one("Hello")] == canon[one("hello")] == canon[one(" hello")]
@@ -166,10 +186,10 @@ def test_compression_on_gpt2_vocab():
 
 def test_compression_off_is_identity():
     token_bytes = [b"a", b"A", b" a"]
-    assert torch.equal(EngramHasher(small_cfg(engram_compress=False), 3, token_bytes).canonical_ids,
+    assert torch.equal(TokenizerCompression(small_cfg(engram_compress=False), 3, token_bytes).canonical_ids,
                        torch.arange(3))
-    assert torch.equal(EngramHasher(small_cfg(engram_compress=True), 3, None).canonical_ids, torch.arange(3))
-    assert EngramHasher(small_cfg(engram_compress=True), 3, token_bytes).n_canonical == 1
+    assert torch.equal(TokenizerCompression(small_cfg(engram_compress=True), 3, None).canonical_ids, torch.arange(3))
+    assert TokenizerCompression(small_cfg(engram_compress=True), 3, token_bytes).n_canonical == 1
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -180,7 +200,8 @@ DIM = 32
 def make_layer(gate=True, conv_std=0.0, seed=0):
     torch.manual_seed(seed)
     cfg = small_cfg(engram_layers=(1,), engram_gate=gate, engram_rows_per_head=53)
-    hasher, layer = EngramHasher(cfg, V), Engram(DIM, cfg, layer_slot=0)
+    hasher = TokenizerCompression(cfg, V)  # ids -> the canonical context the layer hashes
+    layer = Engram(DIM, cfg, 0, hasher.n_canonical)
     with torch.no_grad():
         layer.table.weight.normal_(0.0, 1.0)  # large enough that outputs differ visibly
         if conv_std:  # a trained-looking conv, so the conv branch is really exercised
@@ -197,13 +218,13 @@ def test_gate_in_open_unit_interval_and_grads_finite():
     hasher, layer = make_layer(conv_std=0.3)
     ids, h = inputs()
     h.requires_grad_()
-    y = layer(h, hasher(ids)[0])
+    y = layer(h, hasher(ids))
     gate = layer.last_gate
     assert gate.shape == ids.shape and not gate.requires_grad
     assert (gate > 0).all() and (gate < 1).all()
     y.square().mean().backward()
     # context-aware: the same memory with another hidden state gets another gate
-    layer(torch.randn_like(h), hasher(ids)[0])
+    layer(torch.randn_like(h), hasher(ids))
     assert not torch.allclose(layer.last_gate, gate)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
     assert torch.isfinite(h.grad).all()
@@ -212,18 +233,19 @@ def test_gate_in_open_unit_interval_and_grads_finite():
 def test_zero_conv_adds_nothing_at_init():
     hasher, layer = make_layer()
     ids, h = inputs()
-    rows = hasher(ids)[0]
+    context = hasher(ids)
+    rows = hash_ngrams(context, layer.multipliers, layer.head_primes, layer.head_offsets, (2, 3), 4)  # (B, T, H)
     # a model's generic init touches every weight; reset_parameters must re-zero the conv
     for p in layer.parameters():
         torch.nn.init.normal_(p, 0.0, 0.02)
     layer.reset_parameters()
     assert (layer.short_conv.conv.weight == 0).all()
-    y = layer(h, rows)
+    y = layer(h, context)
     e = layer.table(rows).flatten(-2)
     assert torch.equal(y, layer.last_gate[..., None] * layer.value_proj(e))
     # gate off: plain additive memory W_V e
     hasher, layer = make_layer(gate=False)
-    y = layer(h, rows)
+    y = layer(h, context)
     assert torch.equal(y, layer.value_proj(layer.table(rows).flatten(-2))) and layer.last_gate is None
 
 
@@ -231,46 +253,46 @@ def test_zero_conv_adds_nothing_at_init():
 def test_causal_in_ids_and_hidden(gate):
     hasher, layer = make_layer(gate=gate, conv_std=0.3)
     ids, h = inputs()
-    y = layer(h, hasher(ids)[0])
+    y = layer(h, hasher(ids))
     t = 11
     ids2, h2 = ids.clone(), h.clone()
     ids2[:, t + 1:] = (ids2[:, t + 1:] + 7) % V
     h2[:, t + 1:] += torch.randn_like(h2[:, t + 1:])
-    y2 = layer(h2, hasher(ids2)[0])
+    y2 = layer(h2, hasher(ids2))
     assert torch.equal(y[:, :t + 1], y2[:, :t + 1])
     assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
     # the conv carries an earlier change forward: perturbing the token at t moves later outputs
     ids3 = ids.clone()
     ids3[:, t] = (ids3[:, t] + 7) % V
-    y3 = layer(h, hasher(ids3)[0])
+    y3 = layer(h, hasher(ids3))
     assert torch.equal(y[:, :t], y3[:, :t]) and not torch.allclose(y[:, t + 9], y3[:, t + 9])
 
 
 def test_incremental_decoding_equals_full_forward():
     hasher, layer = make_layer(conv_std=0.3)
     ids, h = inputs(T=20)
-    full = layer(h, hasher(ids)[0])
+    full = layer(h, hasher(ids))
     P = hasher.max_order - 1
     cache, outs = {}, []
     prefill = 5
-    outs.append(layer(h[:, :prefill], hasher(ids[:, :prefill])[0], cache))
+    outs.append(layer(h[:, :prefill], hasher(ids[:, :prefill]), cache))
     for t in range(prefill, ids.shape[1]):
         prefix = ids[:, t - P:t]
-        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix)[0], cache))
+        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix), cache))
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-6)
     # from the very first token, with "-1 = before the start" in the prefix
     cache, outs = {}, []
     for t in range(ids.shape[1]):
         prefix = torch.cat([torch.full((2, P), -1), ids[:, :t]], dim=1)[:, -P:]
-        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix)[0], cache))
+        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix), cache))
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-6)
 
 
 def test_custom_param_groups_and_table_count():
     cfg = small_cfg(engram_lr_mult=5.0, engram_weight_decay=0.0)
-    layer = Engram(DIM, cfg, layer_slot=1)
+    layer = Engram(DIM, cfg, 1, V)
     (group,) = layer.custom_param_groups()
     assert len(group["params"]) == 1 and group["params"][0] is layer.table.weight
-    assert group["lr_mult"] == 5.0 and group["weight_decay"] == 0.0
+    assert group["lr_mult"] == 5.0 and group["weight_decay"] == 0.0 and group["sparse"] == cfg.engram_sparse
     head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
     assert layer.n_table_params() == sum(head_table_sizes(cfg)[1]) * head_dim

@@ -25,38 +25,55 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def mode(monkeypatch):
+    """Set kernels.py's one switch for a call: mode("triton") or mode("torch"); restored after the test."""
+    monkeypatch.setattr(kernels, "mode", kernels.mode)
+    return lambda m: setattr(kernels, "mode", m)
+
+
 def twin_models():
-    """The same MLA + MoE + Engram weights, one running PyTorch references, one Triton kernels."""
-    torch_model = make_model(tiny_config(kernels="torch")).to(DEVICE)
-    triton_model = make_model(tiny_config(kernels="triton")).to(DEVICE)
+    """Two copies of the same MLA + MoE + Engram weights (each keeps its own gradients)."""
+    torch_model = make_model(tiny_config()).to(DEVICE)
+    triton_model = make_model(tiny_config()).to(DEVICE)
     triton_model.load_state_dict(torch_model.state_dict())
     return torch_model, triton_model
 
 
-def test_forward_and_gradients_match():
-    ref, tri = twin_models()
+@pytest.mark.parametrize("sparse", [False, True])
+def test_forward_and_gradients_match(mode, sparse):
+    ref, tri = (make_model(tiny_config(engram_sparse=sparse)).to(DEVICE) for _ in range(2))
+    tri.load_state_dict(ref.state_dict())
     ref.train(), tri.train()
     idx, targets = torch.randint(0, VOCAB, (2, 2, 19), device=DEVICE)  # 19: not a multiple of any block
+    mode("torch")
     _, loss_ref = ref(idx, targets)
-    _, loss_tri = tri(idx, targets)
-    torch.testing.assert_close(loss_tri, loss_ref, atol=1e-5, rtol=1e-5)
     loss_ref.backward()
+    mode("triton")
+    _, loss_tri = tri(idx, targets)
     loss_tri.backward()
+    torch.testing.assert_close(loss_tri, loss_ref, atol=1e-5, rtol=1e-5)
     grads_ref = dict(ref.named_parameters())
     for name, p in tri.named_parameters():
-        torch.testing.assert_close(p.grad, grads_ref[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        g, g_ref = p.grad, grads_ref[name].grad
+        assert g.is_sparse == g_ref.is_sparse == (sparse and "table" in name), name
+        if g.is_sparse:  # rows + values: compare the summed rows
+            g, g_ref = g.coalesce().to_dense(), g_ref.coalesce().to_dense()
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_cached_decoding_matches():
+def test_cached_decoding_matches(mode):
     ref, tri = twin_models()
     idx = torch.randint(0, VOCAB, (2, 12), device=DEVICE)
     outs = {}
     with torch.no_grad():
         for name, model in (("torch", ref), ("triton", tri)):
+            mode(name)
             cache = Cache(model.cfg.n_layer)
             steps = [model(idx[:, :4], cache=cache)[0]]
             steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 12)]  # T == 1: MLA decode kernel
             outs[name] = torch.cat(steps, dim=1)
+        mode("torch")
         full, _ = ref(idx)
     torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["triton"], full, atol=1e-4, rtol=1e-4)

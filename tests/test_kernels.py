@@ -27,9 +27,9 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402  imports with or without triton
-from engram import EngramConfig, EngramHasher, hash_ngrams  # noqa: E402
+from engram import EngramConfig, hash_multipliers, head_table_sizes  # noqa: E402
+from kernels import hash_ngrams, moe_grouped_swiglu_reference as grouped_swiglu  # noqa: E402
 from mla import MLA, MLAConfig  # noqa: E402
-from moe import grouped_swiglu  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402  (imports triton)
 
 
@@ -38,12 +38,13 @@ TRITON_RUNNABLE = kernels.HAVE_TRITON and (
 
 
 @pytest.fixture
-def triton_mode():
+def triton_kernels(monkeypatch):
+    """Every op runs its Triton kernel during the test (interpreted on the CPU); monkeypatch restores the mode."""
     pytest.importorskip("triton", reason="triton is not installed: only the PyTorch path can be tested")
     if not TRITON_RUNNABLE:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on "
                     "the CPU; set it in tests/conftest.py before anything imports triton")
-    return "triton"
+    monkeypatch.setattr(kernels, "mode", "triton")
 
 
 def seeded(seed):
@@ -52,18 +53,23 @@ def seeded(seed):
 
 # ----------------------------------------------------------------------------- dispatch
 
-def test_use_triton_resolves_the_kernels_flag():
-    assert kernels.use_triton("torch", DEVICE) is False
-    assert kernels.use_triton("auto", "cpu") is False  # never the (slow) interpreter by default
-    with pytest.raises(ValueError, match="--kernels"):
-        kernels.use_triton("fast", DEVICE)
-    if kernels.HAVE_TRITON and (DEVICE == "cuda" or kernels.INTERPRET):
-        assert kernels.use_triton("triton", DEVICE) is True
-    elif kernels.HAVE_TRITON:  # CPU tensors, kernels built for a GPU
-        with pytest.raises(ValueError, match="need a CUDA GPU"):
-            kernels.use_triton("triton", "cpu")
+def test_set_mode_checks_the_kernels_flag_and_use_triton_resolves_it(monkeypatch):
+    monkeypatch.setattr(kernels, "mode", kernels.mode)  # restored after the test
+    kernels.set_mode("torch", DEVICE)
+    assert kernels.use_triton(DEVICE) is False
+    kernels.set_mode("auto", DEVICE)
+    assert kernels.use_triton("cpu") is False  # never the (slow) interpreter by default
     if torch.cuda.is_available():
-        assert kernels.use_triton("auto", "cuda") is kernels.HAVE_TRITON
+        assert kernels.use_triton("cuda") is kernels.HAVE_TRITON
+    with pytest.raises(ValueError, match="--kernels"):
+        kernels.set_mode("fast", DEVICE)
+    assert kernels.mode == "auto"  # a rejected flag changes nothing
+    if kernels.HAVE_TRITON and (DEVICE == "cuda" or kernels.INTERPRET):
+        kernels.set_mode("triton", DEVICE)
+        assert kernels.use_triton(DEVICE) is True
+    elif kernels.HAVE_TRITON:  # a CPU model, kernels built for a GPU
+        with pytest.raises(ValueError, match="need a CUDA GPU"):
+            kernels.set_mode("triton", "cpu")
 
 
 def test_without_triton_the_module_imports_and_falls_back_to_torch(monkeypatch):
@@ -73,35 +79,41 @@ def test_without_triton_the_module_imports_and_falls_back_to_torch(monkeypatch):
     spec = importlib.util.spec_from_file_location("kernels_without_triton", ROOT / "kernels.py")
     bare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bare)
-    assert not bare.HAVE_TRITON and not bare.INTERPRET
+    assert not bare.HAVE_TRITON and not bare.INTERPRET and bare.mode == "auto"
     with pytest.raises(ValueError, match="--kernels=triton: triton is not installed"):
-        bare.use_triton("triton", "cpu")
-    assert not bare.use_triton("auto", "cpu")
+        bare.set_mode("triton", "cpu")
+    assert not bare.use_triton("cpu")
 
     context, args, table = engram_case(seed=0)
-    assert torch.equal(bare.engram_lookup(context, *args, table, mode="auto"),
+    assert torch.equal(bare.engram_lookup(context, *args, table),
                        kernels.engram_lookup_reference(context, *args, table))
     x, counts, w1, w3, w2 = moe_case([2, 0, 3])
-    assert torch.equal(bare.moe_grouped_swiglu(x, counts, w1, w3, w2, mode="auto"),
-                       grouped_swiglu(x, counts, w1, w3, w2))
+    assert torch.equal(bare.moe_grouped_swiglu(x, counts, w1, w3, w2), grouped_swiglu(x, counts, w1, w3, w2))
+    for a, b in zip(bare.grouped_tile_schedule(counts, 5, 16), kernels.grouped_tile_schedule(counts, 5, 16)):
+        assert torch.equal(a, b)  # the schedule is plain PyTorch
     q, q_rope, kv, k_rope = mla_case(seed=0, S=5)
-    assert torch.equal(bare.mla_decode_attention(q, q_rope, kv, k_rope, 0.3, mode="auto"),
+    assert torch.equal(bare.mla_decode_attention(q, q_rope, kv, k_rope, 0.3),
                        kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.3))
 
 
 # ----------------------------------------------------------------------------- 1. Engram lookup
 
 def engram_case(seed, ngram_orders=(2, 3), B=2, T=21, prefix=None, rows_per_head=53, vocab=50000, layer=1):
-    """One Engram layer's kernel arguments. A large identity vocabulary makes the canonical ids (and
-    so the products c * m, up to ~2**62) large; head_dim 20 is not a power of two."""
+    """One Engram layer's kernel arguments. The canonical ids are the token ids (no compression) and
+    the pad id is vocab: a large vocabulary makes the ids (and so the products c * m, up to ~2**62)
+    large. prefix (B, P) gives the left context, an id < 0 meaning pad; else it is all pads.
+    head_dim 20 is not a power of two."""
     cfg = EngramConfig(engram_layers=(0, 1), ngram_orders=ngram_orders, engram_heads_per_order=2,
                        engram_dim_per_order=40, engram_rows_per_head=rows_per_head, engram_compress=False)
-    hasher = EngramHasher(cfg, vocab).to(DEVICE)
-    ids = torch.randint(0, vocab, (B, T), generator=seeded(seed)).to(DEVICE)
-    context = hasher.canonical_context(ids, prefix)  # (B, P+T), pads at the left unless prefix
-    args = (hasher.multipliers[layer], hasher.head_primes[layer], hasher.head_offsets[layer],
-            hasher.ngram_orders, hasher.heads_per_order)
-    n_rows = int(hasher.head_primes[layer].sum())
+    primes = torch.tensor(head_table_sizes(cfg)[layer])  # (H,)
+    offsets = primes.cumsum(0) - primes  # (H,) exclusive prefix sum: each head's first row
+    multipliers = hash_multipliers(cfg, vocab)[layer]  # (max_order,)
+    P = max(ngram_orders) - 1
+    ids = torch.randint(0, vocab, (B, T), generator=seeded(seed))
+    left = torch.full((B, P), vocab) if prefix is None else torch.where(prefix >= 0, prefix, vocab)
+    context = torch.cat([left, ids], dim=1).to(DEVICE)  # (B, P+T)
+    args = (multipliers.to(DEVICE), primes.to(DEVICE), offsets.to(DEVICE), ngram_orders, 2)
+    n_rows = int(primes.sum())
     table = torch.randn(n_rows, 20, generator=seeded(seed + 1)).to(DEVICE)
     table[:, 0] = torch.arange(n_rows, dtype=torch.float32)  # column 0 names its row: exact in float32
     return context, args, table
@@ -112,30 +124,67 @@ def engram_case(seed, ngram_orders=(2, 3), B=2, T=21, prefix=None, rows_per_head
     ((1, 3), 16, None),               # order 1 and a gap in the orders; T exactly one block
     ((2, 3), 1, [[-1, -1], [7, 49999]]),  # a decode step: one token after < P real ids / big ids
 ])
-def test_engram_lookup_matches_reference_exactly(triton_mode, ngram_orders, T, prefix):
+def test_engram_lookup_matches_reference_exactly(triton_kernels, ngram_orders, T, prefix):
     if prefix is not None:
-        prefix = torch.tensor(prefix, device=DEVICE)
+        prefix = torch.tensor(prefix)
     context, args, table = engram_case(seed=T, ngram_orders=ngram_orders, T=T, prefix=prefix)
-    out = kernels.engram_lookup(context, *args, table, mode=triton_mode)
+    out = kernels.engram_lookup(context, *args, table)
     ref = kernels.engram_lookup_reference(context, *args, table)
     assert out.shape == ref.shape == (2, T, 4 * 20)
     assert torch.equal(out, ref)  # a gather copies: bit-exact
-    multipliers, primes, offsets, orders, heads_per_order = args
-    rows = hash_ngrams(context, multipliers[None], primes[None], offsets[None], orders, heads_per_order)[0]
-    assert torch.equal(out[..., ::20].long(), rows)  # every head's row index, exactly
+    assert torch.equal(out[..., ::20].long(), hash_ngrams(context, *args))  # every head's row index, exactly
 
 
-def test_engram_lookup_gradient_accumulates_repeated_rows(triton_mode):
+def test_hash_ngrams_is_the_xor_of_products_modulo_each_heads_prime():
+    context, args, _ = engram_case(seed=1, T=5)
+    multipliers, primes, offsets = (a.tolist() for a in args[:3])
+    rows = hash_ngrams(context, *args)  # (B, T, H), heads: two of order 2, then two of order 3
+    c = context.tolist()
+    for b, t in [(0, 0), (1, 4)]:  # c_t sits at column 2 + t
+        for head, n in enumerate((2, 2, 3, 3)):
+            mix = 0
+            for j in range(n):
+                mix ^= c[b][2 + t - j] * multipliers[j]
+            assert rows[b, t, head] == mix % primes[head] + offsets[head]
+
+
+def test_engram_lookup_gradient_accumulates_repeated_rows(triton_kernels):
     # 5-row heads: most (token, head) pairs share a row with others, so the atomics must add up
     context, args, table = engram_case(seed=3, B=3, T=19, rows_per_head=5)
     grad_out = torch.randn(3, 19, 80, generator=seeded(4)).to(DEVICE)
     table_k = table.clone().requires_grad_(True)
     table_r = table.clone().requires_grad_(True)
-    (kernels.engram_lookup(context, *args, table_k, mode=triton_mode) * grad_out).sum().backward()
+    (kernels.engram_lookup(context, *args, table_k) * grad_out).sum().backward()
     (kernels.engram_lookup_reference(context, *args, table_r) * grad_out).sum().backward()
     torch.testing.assert_close(table_k.grad, table_r.grad, rtol=1e-5, atol=1e-5)
     assert table_r.grad.abs().sum(dim=1).gt(0).sum() < table.shape[0]  # some rows untouched ...
     assert table_r.grad.abs().max() > grad_out.abs().max()  # ... and some hit more than once
+
+
+def test_engram_reference_sparse_gradient_equals_the_dense_one():
+    context, args, table = engram_case(seed=3, B=3, T=19, rows_per_head=5)
+    grad_out = torch.randn(3, 19, 80, generator=seeded(4)).to(DEVICE)
+    table_dense, table_sparse = table.clone().requires_grad_(True), table.clone().requires_grad_(True)
+    (kernels.engram_lookup_reference(context, *args, table_dense) * grad_out).sum().backward()
+    (kernels.engram_lookup_reference(context, *args, table_sparse, sparse=True) * grad_out).sum().backward()
+    assert table_sparse.grad.is_sparse
+    torch.testing.assert_close(table_sparse.grad.coalesce().to_dense(), table_dense.grad)
+
+
+@pytest.mark.parametrize("B,T", [(3, 19), (2, 1)])  # T not a multiple of the block; a decode step
+def test_engram_lookup_sparse_gradient_matches_reference(triton_kernels, B, T):
+    context, args, table = engram_case(seed=T, B=B, T=T, rows_per_head=5)
+    context[:, :3] = context[0, :3]  # the same first token everywhere: every head's first row repeats
+    grad_out = torch.randn(B, T, 80, generator=seeded(4)).to(DEVICE)
+    table_k, table_r = table.clone().requires_grad_(True), table.clone().requires_grad_(True)
+    (kernels.engram_lookup(context, *args, table_k, sparse=True) * grad_out).sum().backward()
+    (kernels.engram_lookup_reference(context, *args, table_r, sparse=True) * grad_out).sum().backward()
+    assert table_k.grad.is_sparse and table_k.grad.shape == table.shape and table_k.grad.dtype == table.dtype
+    assert table_k.grad._nnz() == B * T * 4  # one gradient row per (token, head): nothing table-sized
+    grad_k, grad_r = table_k.grad.coalesce(), table_r.grad.coalesce()
+    assert grad_k._nnz() < B * T * 4  # rows repeat, and coalescing added them up
+    assert torch.equal(grad_k.indices(), grad_r.indices())
+    torch.testing.assert_close(grad_k.values(), grad_r.values(), rtol=1e-5, atol=1e-5)
 
 
 def test_engram_lookup_bytes_counts_ids_rows_and_output():
@@ -177,11 +226,11 @@ def test_tile_schedule_covers_every_row_once():
     [0, 0, 1, 0],       # a single token
     [16, 0, 32],        # segments that are exact multiples of the interpreter's block
 ])
-def test_grouped_swiglu_matches_reference_values_and_gradients(triton_mode, counts):
+def test_grouped_swiglu_matches_reference_values_and_gradients(triton_kernels, counts):
     x, counts_t, w1, w3, w2 = moe_case(counts)
     leaves_k = [t.clone().requires_grad_(True) for t in (x, w1, w3, w2)]
     leaves_r = [t.clone().requires_grad_(True) for t in (x, w1, w3, w2)]
-    y_k = kernels.moe_grouped_swiglu(leaves_k[0], counts_t, *leaves_k[1:], mode=triton_mode)
+    y_k = kernels.moe_grouped_swiglu(leaves_k[0], counts_t, *leaves_k[1:])
     y_r = grouped_swiglu(leaves_r[0], counts_t, *leaves_r[1:])
     torch.testing.assert_close(y_k, y_r, rtol=1e-4, atol=1e-4)
     grad_y = torch.randn(y_r.shape, generator=seeded(1)).to(DEVICE)
@@ -193,13 +242,13 @@ def test_grouped_swiglu_matches_reference_values_and_gradients(triton_mode, coun
     assert leaves_k[1].grad[idle].eq(0).all() and leaves_k[3].grad[idle].eq(0).all()  # idle experts: zero grads
 
 
-def test_grouped_swiglu_without_grad_and_without_rows(triton_mode):
+def test_grouped_swiglu_without_grad_and_without_rows(triton_kernels):
     x, counts, w1, w3, w2 = moe_case([3, 0, 20])
     with torch.no_grad():  # the inference launch skips saving the pre-activations
-        torch.testing.assert_close(kernels.moe_grouped_swiglu(x, counts, w1, w3, w2, mode=triton_mode),
+        torch.testing.assert_close(kernels.moe_grouped_swiglu(x, counts, w1, w3, w2),
                                    grouped_swiglu(x, counts, w1, w3, w2), rtol=1e-4, atol=1e-4)
     x, counts, w1, w3, w2 = moe_case([0, 0])
-    assert kernels.moe_grouped_swiglu(x, counts, w1, w3, w2, mode=triton_mode).shape == (0, 24)
+    assert kernels.moe_grouped_swiglu(x, counts, w1, w3, w2).shape == (0, 24)
 
 
 def test_grouped_swiglu_flops_match_a_flop_counter():
@@ -225,20 +274,20 @@ def mla_case(seed, B=2, H=3, C=20, R=6, S=37):
 
 
 @pytest.mark.parametrize("S,num_splits", [(1, None), (37, None), (37, 3), (100, 7), (100, 3)])
-def test_mla_decode_matches_reference(triton_mode, S, num_splits):
+def test_mla_decode_matches_reference(triton_kernels, S, num_splits):
     # splits of 13/13/11, 15 x 6 + 10 and 34/34/32 tokens: shorter and longer than a block, uneven
     q, q_rope, kv, k_rope = mla_case(seed=S, S=S)
-    out = kernels.mla_decode_attention(q, q_rope, kv, k_rope, 0.3, mode=triton_mode, num_splits=num_splits)
+    out = kernels.mla_decode_attention(q, q_rope, kv, k_rope, 0.3, num_splits=num_splits)
     ref = kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.3)
     assert out.shape == ref.shape == (2, 3, 20) and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_mla_decode_reference_is_mlas_absorbed_attention_for_one_token():
+def test_mla_decode_reference_is_mlas_absorbed_attention_for_one_token(monkeypatch):
     """What MLA can swap in for T == 1: fold W^UK into the query, attend, apply W^UV."""
     torch.manual_seed(0)
     cfg = MLAConfig(kv_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10)
-    mla = MLA(32, 3, cfg).to(DEVICE)
+    mla = MLA(32, 3, cfg, 10000.0).to(DEVICE)
     B, S, H = 2, 9, 3
     q_nope, q_rope = torch.randn(B, 1, H, 8, device=DEVICE), torch.randn(B, 1, H, 6, device=DEVICE)
     kv, k_rope = torch.randn(B, S, 20, device=DEVICE), torch.randn(B, S, 6, device=DEVICE)
@@ -249,7 +298,8 @@ def test_mla_decode_reference_is_mlas_absorbed_attention_for_one_token():
     q_latent = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)  # (B, H, d_c)
     modes = ["torch"] + (["triton"] if TRITON_RUNNABLE else [])
     for mode in modes:
-        y_latent = kernels.mla_decode_attention(q_latent, q_rope[:, 0], kv, k_rope, mla.softmax_scale, mode=mode)
+        monkeypatch.setattr(kernels, "mode", mode)
+        y_latent = kernels.mla_decode_attention(q_latent, q_rope[:, 0], kv, k_rope, mla.softmax_scale)
         y = torch.einsum("bhc,hdc->bhd", y_latent, w_uv)[:, None]  # (B, 1, H, d_v)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5, msg=f"mode={mode}")
 
@@ -275,7 +325,8 @@ def compile_every_kernel_for_sm90():
     pointer_types = {"context_ptr": "*i64", "multipliers_ptr": "*i64", "head_primes_ptr": "*i64",
                      "head_offsets_ptr": "*i64", "head_orders_ptr": "*i32", "tile_expert_ptr": "*i32",
                      "tile_start_ptr": "*i32", "tile_end_ptr": "*i32", "offsets_ptr": "*i32",
-                     "grad_table_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}  # others bf16
+                     "rows_ptr": "*i64", "grad_table_ptr": "*fp32", "part_out_ptr": "*fp32",
+                     "part_lse_ptr": "*fp32"}  # others bf16
 
     def compile_sm90(kernel, **constexprs):
         jit, config = (kernel.fn, kernel.configs[0]) if isinstance(kernel, Autotuner) else (kernel, triton.Config({}))
@@ -296,6 +347,7 @@ def compile_every_kernel_for_sm90():
 
     compile_sm90(kernels._engram_lookup_kernel, MAX_ORDER=3, BLOCK_D=32)
     compile_sm90(kernels._engram_lookup_backward_kernel, MAX_ORDER=3, BLOCK_D=32, BLOCK_T=128)
+    compile_sm90(kernels._engram_rows_kernel, MAX_ORDER=3, BLOCK_T=128)
     compile_sm90(kernels._grouped_swiglu_up_kernel, SAVE_PREACT=True, PRECISION="ieee", BLOCK_M=64)
     compile_sm90(kernels._grouped_gemm_kernel, TRANS_B=False, HAS_SECOND=True, PRECISION="ieee", BLOCK_M=64)
     compile_sm90(kernels._grouped_swiglu_backward_kernel, PRECISION="ieee", BLOCK_M=64)
@@ -319,18 +371,16 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 # ----------------------------------------------------------------------------- bf16 (GPU only)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are checked on a GPU only")
-def test_bf16_kernels_close_to_float32_reference(triton_mode):
+def test_bf16_kernels_close_to_float32_reference(triton_kernels):
     context, args, table = engram_case(seed=5, T=300)
-    out = kernels.engram_lookup(context, *args, table.bfloat16(), mode=triton_mode)
+    out = kernels.engram_lookup(context, *args, table.bfloat16())
     assert torch.equal(out, kernels.engram_lookup_reference(context, *args, table).bfloat16())
 
     x, counts, w1, w3, w2 = moe_case([0, 70, 130, 1], dim=96, inter=160)
-    y = kernels.moe_grouped_swiglu(*(t.bfloat16() if t.is_floating_point() else t for t in (x, counts, w1, w3, w2)),
-                                   mode=triton_mode)
+    y = kernels.moe_grouped_swiglu(*(t.bfloat16() if t.is_floating_point() else t for t in (x, counts, w1, w3, w2)))
     torch.testing.assert_close(y.float(), grouped_swiglu(x, counts, w1, w3, w2), rtol=3e-2, atol=3e-2)
 
     q, q_rope, kv, k_rope = mla_case(seed=6, B=4, H=16, C=512, R=64, S=1000)
-    out = kernels.mla_decode_attention(q.bfloat16(), q_rope.bfloat16(), kv.bfloat16(), k_rope.bfloat16(), 0.05,
-                                       mode=triton_mode)
+    out = kernels.mla_decode_attention(q.bfloat16(), q_rope.bfloat16(), kv.bfloat16(), k_rope.bfloat16(), 0.05)
     torch.testing.assert_close(out.float(), kernels.mla_decode_reference(q, q_rope, kv, k_rope, 0.05),
                                rtol=3e-2, atol=3e-2)

@@ -14,13 +14,13 @@ from moe import MoEConfig
 VOCAB = 97
 
 
-def tiny_config(attn="mla", ffn="moe", engram=True, **kw):
+def tiny_config(attn="mla", ffn="moe", engram=True, engram_sparse=False, **kw):
     return GPTConfig(
         vocab_size=VOCAB, block_size=32, n_layer=3, n_head=4, n_embd=32, attn=attn, ffn=ffn,
         mla=MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
         moe=MoEConfig(n_routed_experts=6, n_activated_experts=2, n_shared_experts=1, moe_inter_dim=16, n_dense_layers=1),
         engram=EngramConfig(engram_layers=(1,) if engram else (), engram_heads_per_order=2, engram_dim_per_order=16,
-                            engram_rows_per_head=101),
+                            engram_rows_per_head=101, engram_sparse=engram_sparse),
         **kw)
 
 
@@ -106,10 +106,23 @@ def test_engram_layers_in_any_order():
     assert torch.isfinite(logits).all()
 
 
-def test_generate_rejects_overlong_request():
-    model = make_model(tiny_config())
-    with pytest.raises(ValueError, match="block_size"):
-        list(model.generate(torch.zeros(1, 30, dtype=torch.long), 10))
+@pytest.mark.parametrize("attn,ffn,engram", [("mha", "dense", False), ("mla", "moe", True)])
+@pytest.mark.parametrize("prompt_len", [4, 30, 45])  # 45: a prompt longer than block_size=32
+def test_generation_past_block_size_slides_a_window(attn, ffn, engram, prompt_len):
+    """Past block_size the model sees the last block_size tokens (nanoGPT's crop): the cached
+    generation, which rebuilds its cache from that window, must pick the same greedy tokens as
+    running the model on the cropped sequence from scratch at every step."""
+    model = make_model(tiny_config(attn, ffn, engram))
+    idx = torch.randint(0, VOCAB, (2, prompt_len))
+    new = 60 - prompt_len + 10  # well past block_size
+    cached = torch.cat(list(model.generate(idx, new, temperature=0, use_cache=True)), dim=1)
+    seq = idx
+    with torch.no_grad():
+        for _ in range(new):
+            logits, _ = model(seq[:, -model.cfg.block_size:])
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cached.shape == (2, new)
+    assert torch.equal(cached, seq[:, prompt_len:])
 
 
 def test_param_counts():
@@ -126,7 +139,7 @@ def test_param_counts():
 
 def test_optimizer_groups():
     model = make_model(tiny_config("mla", "moe", True))
-    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
+    (opt,) = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))  # dense tables: one AdamW for everything
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))
     tables = {id(m.table.weight) for m in model.modules() if hasattr(m, "n_table_params")}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_training_lowers_the_loss(prepared, tmp_path):
     train.main(TINY + data_flags(prepared) + [f"--out_dir={out}", "--max_iters=30", "--eval_interval=10"])
     log = read_log(out)
     assert [r["iter"] for r in log] == [0, 10, 20, 30]
-    for key in ("iter", "tokens", "train_loss", "val_loss", "lr", "tok_per_s", "elapsed_s"):
+    for key in ("iter", "tokens", "train_loss_mean", "train_loss_last", "val_loss", "lr", "tok_per_s", "elapsed_s"):
         assert key in log[-1]
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
     assert "moe_max_over_mean" in log[-1]
@@ -57,8 +58,9 @@ def assert_same_curve(a, b, train_loss=True):
     assert [r["iter"] for r in a] == [r["iter"] for r in b]
     for ra, rb in zip(a, b):
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], abs=1e-6)
-        if train_loss and ra["train_loss"] is not None:
-            assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
+        if train_loss and ra["train_loss_mean"] is not None:
+            assert ra["train_loss_mean"] == pytest.approx(rb["train_loss_mean"], abs=1e-6)
+            assert ra["train_loss_last"] == pytest.approx(rb["train_loss_last"], abs=1e-6)
 
 
 def test_resume_equals_uninterrupted(prepared, tmp_path):
@@ -178,7 +180,7 @@ def test_flag_names_are_unique_across_configs():
             collect(value) if dataclasses.is_dataclass(value) else names.append(f.name)
     collect(train.TrainConfig())
     assert len(names) == len(set(names))
-    assert set(names) == set(train.flat_fields(train.TrainConfig()))
+    assert set(names) == set(cli.flat_fields(train.TrainConfig()))
 
 
 def test_presets_and_overrides():
@@ -187,7 +189,7 @@ def test_presets_and_overrides():
     assert cfg.max_iters == train.PRESETS["cpu"]["max_iters"]
     cfg = train.build_config(["--preset=gpu", "--device=cpu", "--engram_layers=1,2"])
     assert cfg.model.n_embd == train.PRESETS["gpu"]["n_embd"] and cfg.model.engram.engram_layers == (1, 2)
-    with pytest.raises(train.ConfigError, match="expected on or off"):
+    with pytest.raises(cli.ConfigError, match="expected on or off"):
         train.build_config(["--engram=maybe"])
 
 

@@ -1,0 +1,247 @@
+"""The harness around train.py's loop, so that the loop shows only training: a run's files
+(checkpoint, log.jsonl, loss.png, gates.png) and its processes (DDP ranks, stop signals).
+sample.py and compare.py read and write the same files through it.
+"""
+import json
+import os
+import signal
+
+import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cli import ConfigError
+
+matplotlib.use("Agg")  # plots go to files; no display needed
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+# ----------------------------------------------------------------------------- a run's files
+
+def check_writable_dir(path: str, flag: str):
+    """Make the folder and prove it can hold files now, so that a bad --out_dir fails before any work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--{flag}={path}: cannot write there ({e.strerror or e}); choose another folder") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint's contents (tensors on the CPU, memory-mapped so a large one loads lazily), or a
+    one-line ConfigError that says what is wrong with the file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}: train one first (python train.py --out_dir=...)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated, not a checkpoint, written by something else ...
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and retrain") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise ConfigError(f"checkpoint {path} is not a nano-engram checkpoint")
+    return ckpt
+
+
+def prepare_out_dir(cfg):
+    """Fail before any work if out_dir cannot be written, or if a fresh start would replace a run there."""
+    check_writable_dir(cfg.out_dir, "out_dir")
+    names = set(os.listdir(cfg.out_dir))
+    if not cfg.resume and names & {"ckpt.pt", "log.jsonl"} and not cfg.overwrite:
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds a run already; continue it with --resume, choose "
+                              "another --out_dir, or replace it with --overwrite=true")
+    for name in names:
+        if name.endswith(".tmp") or (not cfg.resume and name in ("ckpt.pt", "log.jsonl", "loss.png")):
+            os.remove(os.path.join(cfg.out_dir, name))  # .tmp: a save cut short by a crash or a full disk
+
+
+def restore(ckpt, model, optimizers, rng):
+    """Weights, optimizer moments, RNG states and counters from a checkpoint (one line if they do not fit)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"the checkpoint's weights do not fit its config ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:100]}); retrain it in a fresh --out_dir") from None
+    rng.bit_generator.state = ckpt["rng"]
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["iter"], ckpt["tokens"], ckpt["elapsed_s"]
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: the state goes to path.tmp, which then replaces path, so that a crash or a full disk
+    never leaves a broken checkpoint; on failure the .tmp is removed and the previous one stays."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ConfigError(f"could not save {path} ({str(e).splitlines()[0][:80]}; is the disk full?); "
+                          "the previous checkpoint is kept") from None
+
+
+# ----------------------------------------------------------------------------- a run's log.jsonl and plots
+
+def read_log(path: str) -> list:
+    """The records of a log.jsonl, one per evaluation; a last line cut short by a crash is skipped."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    return records
+
+
+def append_log(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path: str, last_iter: int):
+    """On resume, drop the records written after the checkpoint: those steps will be redone."""
+    records = [r for r in read_log(path) if r["iter"] <= last_iter]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def plot_losses(records: list, path: str):
+    """Train and validation loss against training tokens, from log.jsonl's records, as a PNG."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    trained = [r for r in records if r.get("train_loss_mean") is not None]
+    ax.plot([r["tokens"] for r in trained], [r["train_loss_mean"] for r in trained], ".-",
+            label="train (mean over the steps since the previous evaluation)")
+    ax.plot([r["tokens"] for r in records], [r["val_loss"] for r in records], "o-", label="validation")
+    if len(records) > 2:  # the untrained model's loss (~ln vocab) would flatten the rest of the curve
+        ax.set_ylim(top=max(r["val_loss"] for r in records[1:]) + 0.5)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_evaluation(out_dir: str, record: dict, state: dict) -> str:
+    """An evaluation's record in log.jsonl, the loss plot, and the checkpoint; returns the line to show."""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    append_log(log_path, record)
+    plot_losses(read_log(log_path), os.path.join(out_dir, "loss.png"))
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
+    return (f"iter {record['iter']}: val {record['val_loss']:.4f} | train {record['train_loss_mean']:.4f} "
+            f"(mean since the last evaluation), {record['train_loss_last']:.4f} (last step) | "
+            f"{record['tok_per_s']:,.0f} tok/s, {record['elapsed_s']:.0f}s")
+
+
+def plot_gates(gates: dict, pieces: list, png_path: str):
+    """sample.py --show_gates: Engram's gate over the tokens as a heatmap, one row per Engram block
+    ({block: (T,) gate values}), each cell labelled with its token, in strips of 32 tokens."""
+    matrix = torch.stack(list(gates.values())).numpy()  # (n_layers, T)
+    per_row = 32  # tokens per strip, so long stories stay legible
+    n_rows = (len(pieces) + per_row - 1) // per_row
+    fig, axes = plt.subplots(n_rows, 1, figsize=(16, n_rows * (1.2 * len(gates) + 0.25)), squeeze=False)
+    for r, ax in enumerate(axes[:, 0]):
+        strip = np.full((len(gates), per_row), np.nan)  # the last strip is padded, so cells keep one width
+        values = matrix[:, r * per_row:(r + 1) * per_row]
+        strip[:, :values.shape[1]] = values
+        im = ax.imshow(strip, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        for j, piece in enumerate(pieces[r * per_row:(r + 1) * per_row]):
+            for row in range(len(gates)):  # the token itself, written in its cell
+                ax.text(j, row, piece.strip() or repr(piece), rotation=90, ha="center", va="center", fontsize=8,
+                        color="black" if values[row, j] > 0.5 else "white")
+        ax.set_xticks([])
+        ax.set_yticks(range(len(gates)))
+        ax.set_yticklabels([f"block {i}" for i in gates], fontsize=8)
+    axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory let in, dark = gated out)")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- processes: DDP and stop signals
+
+def init_distributed(device: str):
+    """(ddp, rank, world, device): under torchrun, join the process group (nccl on GPUs, gloo on
+    CPUs), each process on its own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False, 0, 1, device
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def on_first_rank(fn, ddp: bool, per_machine: bool = False):
+    """fn() on rank 0 (or the first rank of each machine) while the others wait; an error there is
+    raised on every rank, so all stop together instead of waiting forever. Returns fn's result there."""
+    result, error = None, None
+    if int(os.environ.get("LOCAL_RANK" if per_machine else "RANK", "0")) == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (any error: the other ranks must not hang)
+            error = e
+    if ddp:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)  # also a barrier: what fn wrote exists after it
+        error = next((e for e in errors if e), None)
+    if error:
+        raise error
+    return result
+
+
+def agree(ddp: bool, device: str, *flags: bool) -> list:
+    """Under DDP, OR each flag over all ranks, so that every rank takes the same branch."""
+    if not ddp:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t]
+
+
+def wrap_ddp(model, device: str, skip: list):
+    """DistributedDataParallel around the model, leaving out the parameters named in skip (their
+    sparse gradients are averaged by the model itself, without densifying them)."""
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, skip)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+
+def finish_distributed(model, check_agreement: bool):
+    """Leave the process group; after a whole run, first check that every rank holds the same weights."""
+    if check_agreement:
+        sums = [None] * dist.get_world_size()
+        dist.all_gather_object(sums, torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu())
+        if any(not torch.equal(sums[0], s) for s in sums[1:]):
+            raise RuntimeError("DDP ranks diverged: their parameters differ after training")
+        if dist.get_rank() == 0:
+            print(f"ddp: parameters identical on all {len(sums)} ranks")
+    dist.destroy_process_group()
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (what `timeout` and job schedulers send) asks the loop to stop after the
+    current step, so that the checkpoint holds a step boundary and --resume is exact; a second
+    signal raises KeyboardInterrupt at once, leaving the last checkpoint as it was."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
