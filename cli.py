@@ -184,6 +184,10 @@ def resolve_device(device: str) -> str:
         raise ConfigError(f"--device={device}: no CUDA GPU is available; use --device=cpu")
     if device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device=mps: this machine has no Apple GPU; use --device=cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps") from None
     return device
 
 

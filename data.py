@@ -138,7 +138,7 @@ def _fetch(url: str, part: Path, have: int, max_bytes: int):
         have = 0  # the server ignored Range and sends the whole file: start over
     total = have + int(response.headers.get("Content-Length") or 0)
     with response, open(part, "ab" if have else "wb") as f, \
-            tqdm(total=min(total, max_bytes or total) or None, initial=have, unit="B", unit_scale=True,
+            tqdm(total=min(total, max_bytes or total) or None, initial=have, unit="B", unit_scale=True, disable=None,
                  desc=part.name.removesuffix(".part")) as bar:
         try:
             while chunk := response.read(MB):
@@ -278,7 +278,7 @@ def tokenize_to_file(stories, path: Path, use_pool: bool, desc: str) -> np.ndarr
     pool = Pool(min(8, os.cpu_count() or 1)) if use_pool else None
     try:
         results = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
-        with open(path, "wb") as f, tqdm(unit=" stories", desc=desc) as bar:
+        with open(path, "wb") as f, tqdm(unit=" stories", desc=desc, disable=None) as bar:
             for ids in results:
                 ids.tofile(f)
                 batch_counts = np.bincount(ids, minlength=GPT2_VOCAB_SIZE)

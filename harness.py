@@ -2,9 +2,11 @@
 (checkpoint, log.jsonl, loss.png, gates.png) and its processes (DDP ranks, stop signals).
 sample.py and compare.py read and write the same files through it.
 """
+import inspect
 import json
 import os
 import signal
+import time
 
 import matplotlib
 import numpy as np
@@ -210,10 +212,15 @@ def agree(ddp: bool, device: str, *flags: bool) -> list:
 
 def wrap_ddp(model, device: str, skip: list):
     """DistributedDataParallel around the model, leaving out the parameters named in skip (their
-    sparse gradients are averaged by the model itself, without densifying them)."""
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, skip)
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    sparse gradients are averaged by the model itself, without densifying them). Buffers are not
+    re-broadcast before each forward: the MoE load counters are per rank until update_bias sums
+    them, and every other buffer stays equal on all ranks by itself."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(model, skip)
+    # torch 2.13 renamed broadcast_buffers (now deprecated, with a FutureWarning) to forward_sync_buffers
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else "broadcast_buffers": False}
+    return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None, **no_sync)
 
 
 def finish_distributed(model, check_agreement: bool):
@@ -231,16 +238,18 @@ def finish_distributed(model, check_agreement: bool):
 class StopRequest:
     """Ctrl-C or SIGTERM (what `timeout` and job schedulers send) asks the loop to stop after the
     current step, so that the checkpoint holds a step boundary and --resume is exact; a second
-    signal raises KeyboardInterrupt at once, leaving the last checkpoint as it was."""
+    signal raises KeyboardInterrupt at once, leaving the last checkpoint as it was. Under torchrun
+    one Ctrl-C reaches each worker twice (from the terminal, and forwarded by torchrun), so a repeat
+    within two seconds counts as the same request."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.when = None, 0.0
         self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def request(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is not None and time.time() - self.when > 2.0:
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal, self.when = self.signal or signum, self.when or time.time()
 
     def restore(self):
         for s, handler in self.previous.items():

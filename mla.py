@@ -53,7 +53,7 @@ class MLAConfig:
     kv_lora_rank: int = 64        # d_c, compressed KV latent
     qk_nope_head_dim: int = 32    # d_h
     qk_rope_head_dim: int = 16    # d_h^R, decoupled rotary key shared by all heads
-    v_head_dim: int = 32
+    v_head_dim: int = 32           # d_h of the values
 
     def __post_init__(self):
         if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim < 2:

@@ -43,7 +43,7 @@ class MoEConfig:
     moe_inter_dim: int = 128          # width of each fine-grained expert
     n_dense_layers: int = 1           # first blocks use a dense SwiGLU FFN (model.py decides using this)
     score_func: str = "sigmoid"       # or "softmax"
-    route_scale: float = 1.0
+    route_scale: float = 1.0          # scales the routed experts' gate weights
     n_expert_groups: int = 1          # M groups for group-limited routing (DeepSeek-V2 §2.1.3)
     n_limited_groups: int = 1         # only tokens' best groups may be used
     bias_update_speed: float = 1e-3   # gamma of aux-loss-free balancing; 0 = off

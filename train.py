@@ -143,7 +143,8 @@ def train(cfg: TrainConfig):
                                   "tok_per_s": 0.0, "elapsed_s": 0.0})
     stop, status, val_loss = harness.StopRequest(), 0, None
     window_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=not master, desc="train", dynamic_ncols=True)
+    # progress bars only on a terminal (disable=None): in a pipe or a log file they are noise
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=None if master else True, desc="train", dynamic_ncols=True)
     t_last = time.time()
     try:
         while it < cfg.max_iters:
