@@ -23,10 +23,18 @@ moves part of the sparse budget (moe's routed expert parameters a token does not
 tables: E' of moe's E routed experts (top-k) leave the share (E - E') / (E - k) to Engram, so the
 shares are steps of 1/(E - k) and each --sweep_shares value is rounded to the nearest one.
 
+--memory_sweep (the paper's §3.2 "infinite memory" regime in miniature) keeps the backbone, steps and
+batch fixed and changes only the Engram table: rows per head 2^10 ... 2^20, gated Engram at every size,
+plain additive 2-gram memory (no gate: the "bigram hash" of modded-nanogpt and nanochat) at three, and
+moe as the zero point. Each run passes over most of the train text once (800 steps), so that rows are
+revisited. The distinct 2- and 3-grams of the train text bound what more rows can hold; they are
+counted and drawn on memory_scaling.png, with a log-linear fit over the sizes below that bound.
+    python compare.py --memory_sweep --source=../shared/tinystories-more      # ~90 min on 2 cores
+
 Every arm/seed is an ordinary train.py run directory, out_dir/<arm>/seed<k> (sample.py works on it).
 A rerun skips finished runs and resumes unfinished ones. Any other --key=value goes to every run.
 Writes out_dir/results.json (every number), results.md (the tables) and compare.png; with
---allocation_sweep also allocation.png.
+--allocation_sweep also allocation.png, with --memory_sweep memory_scaling.png.
 """
 import dataclasses
 import json
@@ -49,8 +57,8 @@ import cli
 import harness
 import train
 from cli import ConfigError
-from data import DataError, load_or_prepare
-from engram import table_params
+from data import DataError, Tokenizer, load_or_prepare, load_tokens
+from engram import build_canonical_ids, table_params
 from model import GPT, GPTConfig, dense_ffn_hidden
 
 # train.py flags shared by every arm, applied on top of train.py's preset of the same name.
@@ -71,6 +79,11 @@ DEFAULT_ARMS = {
     "cpu": "moe,moe+engram,iso-params,dense",
     "gpu": "moe,moe+engram,iso-params,dense,engram-nogate,engram-2gram,engram-nocompress,engram-layer4",
 }
+# --memory_sweep: every run the same length, long enough to pass over most of the train text once
+# (800 x 16 x 128 = 1.64M tokens, 0.94 epochs of ../shared/tinystories-more); few evaluations, as each
+# saves a checkpoint that holds the whole table (1.6 GB at 2^20 rows per head).
+MEMORY_SWEEP = dict(max_iters=800, eval_interval=200, warmup_iters=40)
+MEMORY_VARIANTS = {"engram": {}, "additive-2gram": {"engram_gate": "false", "ngram_orders": "2"}}
 ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_orders": "2"},
              "engram-nocompress": {"engram_compress": "false"}}
 ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, "engram-layer<k>"]
@@ -82,7 +95,8 @@ TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 @dataclass
 class CompareConfig:
-    out_dir: str = "out-compare"      # every run goes to out_dir/<arm>/seed<k>; the report to out_dir
+    out_dir: str = ""                 # runs go to out_dir/<arm>/seed<k>, the report to out_dir; '' = out-compare
+                                      # (out-memory with --memory_sweep)
     preset: str = ""                  # 'cpu' | 'gpu'; '' = chosen by device
     device: str = "auto"              # passed to every run
     arms: str = ""                    # comma list; '' = the preset's
@@ -92,6 +106,10 @@ class CompareConfig:
     allocation_sweep: bool = False    # on by default in the gpu preset
     sweep_shares: str = "0,0.17,0.33,0.5,0.67,0.83"  # allocation sweep: shares of the sparse budget given to Engram
     summarize_only: bool = False      # no training: report on the finished runs that exist
+    memory_sweep: bool = False        # the memory-scaling experiment: only the Engram table size changes
+    memory_log2_rows: str = "10,12,14,16,18,20"  # memory sweep: log2(rows per head) of the gated Engram sizes
+    memory_ungated: str = "10,16,20"  # memory sweep: sizes that also run additive 2-gram memory and get memory_seeds
+    memory_seeds: int = 2             # memory sweep: seeds of moe and of gated Engram at the memory_ungated sizes
 
     def __post_init__(self):
         if self.preset not in ("", *PRESETS):
@@ -104,6 +122,9 @@ class CompareConfig:
             if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm):
                 raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
         sweep_shares(self)  # a malformed list fails here too
+        if self.memory_seeds < 1 or not set(memory_sizes(self.memory_ungated)) <= set(memory_sizes(self.memory_log2_rows)):
+            raise ValueError(f"--memory_ungated={self.memory_ungated} must be among --memory_log2_rows="
+                             f"{self.memory_log2_rows}, and --memory_seeds={self.memory_seeds} at least 1")
 
 
 class RunFailed(Exception):
@@ -126,13 +147,22 @@ def parse_args(argv):
     cfg = cli.apply(CompareConfig(), {k: v for k, v in flags.items() if k in own})
     preset = cfg.preset or ("cpu" if cli.resolve_device(cfg.device) == "cpu" else "gpu")
     # the gpu preset runs the allocation sweep unless told not to
-    cfg = dataclasses.replace(cfg, preset=preset, arms=cfg.arms or DEFAULT_ARMS[preset],
+    cfg = dataclasses.replace(cfg, preset=preset, arms=cfg.arms or ("moe" if cfg.memory_sweep else DEFAULT_ARMS[preset]),
+                              out_dir=cfg.out_dir or ("out-memory" if cfg.memory_sweep else "out-compare"),
                               allocation_sweep=cfg.allocation_sweep or (preset == "gpu" and "allocation_sweep" not in flags))
     return cfg, {k: v for k, v in flags.items() if k not in own}
 
 
 def arm_list(cfg):
     return list(dict.fromkeys(a for a in cfg.arms.replace(" ", "").split(",") if a))  # in order, each once
+
+
+def memory_sizes(text):
+    """'10,12,14' -> [10, 12, 14]: log2 of rows per head."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers (log2 of rows per head), not {text!r}") from None
 
 
 def sweep_shares(cfg):
@@ -251,6 +281,7 @@ class Group:
     params: dict
     dir: str
     extra: dict = dataclasses.field(default_factory=dict)
+    seeds: int = 0  # runs of this group; 0 = --seeds
 
 
 def plan(cfg, base, vocab_size):
@@ -259,12 +290,13 @@ def plan(cfg, base, vocab_size):
     moe_flags, moe_counts = arm_flags("moe", base, vocab_size, None, cfg)
     folder_of = {}
 
-    def group(name, flags, params, folder, **extra):
+    def group(name, flags, params, folder, seeds=0, **extra):
         key = tuple(sorted(flags.items()))
-        return Group(name, flags, params, folder_of.setdefault(key, os.path.join(cfg.out_dir, folder)), extra)
+        return Group(name, flags, params, folder_of.setdefault(key, os.path.join(cfg.out_dir, folder)), extra, seeds)
 
     # moe first, whatever the order given: it is the reference every other arm is measured against
-    arms = [group("moe", moe_flags, moe_counts, "moe")] if "moe" in arm_list(cfg) else []
+    arms = [group("moe", moe_flags, moe_counts, "moe", seeds=cfg.memory_seeds if cfg.memory_sweep else 0)] \
+        if "moe" in arm_list(cfg) else []
     for arm in arm_list(cfg):
         if arm != "moe":
             arms.append(group(arm, *arm_flags(arm, base, vocab_size, moe_counts, cfg), arm))
@@ -279,9 +311,20 @@ def plan(cfg, base, vocab_size):
             sweep.append(group(f"share{share:.2f}", flags, counts, os.path.join("sweep", f"share{share:.2f}"),
                                share=share, n_routed_experts=n_experts,
                                table_share=counts["engram_tables"] / sparse))
-    for g in arms + sweep:
+    memory = []
+    for log2 in memory_sizes(cfg.memory_log2_rows) if cfg.memory_sweep else []:
+        for variant, own in MEMORY_VARIANTS.items():
+            paired = log2 in memory_sizes(cfg.memory_ungated)  # the sizes both variants run at
+            if variant != "engram" and not paired:
+                continue
+            flags = {**base, "engram": "on", "engram_rows_per_head": str(2 ** log2), **own}
+            memory.append(group(f"{variant} 2^{log2}", flags, count_params(flags, vocab_size),
+                                os.path.join("memory", variant, f"rows2^{log2}"),
+                                seeds=cfg.memory_seeds if variant == "engram" and paired else 1,
+                                variant=variant, log2_rows=log2))
+    for g in arms + sweep + memory:
         describe(g, base, moe_counts)
-    return arms, sweep, moe_counts
+    return arms, sweep, memory, moe_counts
 
 
 def describe(g, base, moe_counts):
@@ -321,7 +364,7 @@ def runs_of(groups, cfg):
     """(label, run dir, run flags) for every group and seed, each folder once."""
     runs, seen = [], set()
     for g in groups:
-        for k in range(cfg.seeds):
+        for k in range(g.seeds or cfg.seeds):
             run_dir, flags = seed_run(g, k, cfg)
             if run_dir not in seen:
                 seen.add(run_dir)
@@ -380,7 +423,7 @@ def equal_time_difference(curve, baseline):
 def summarize_group(g, cfg, vocab_size):
     """Per-seed numbers of a group's finished runs, and their means."""
     seeds = {}
-    for k in range(cfg.seeds):
+    for k in range(g.seeds or cfg.seeds):
         run_dir, flags = seed_run(g, k, cfg)
         if run_state(run_dir, flags, vocab_size) != "done":
             continue  # unfinished runs would compare different step counts
@@ -466,6 +509,8 @@ def write_markdown(results, path):
             cells = [f"{p['share']:.2f}", str(p["n_routed_experts"]), f"{p['table_share']:.2f}", *params_cells(p),
                      *loss_cells(p)]
             lines.append("| " + " | ".join(cells) + " |")
+    if results["memory"]:
+        lines += memory_markdown(results["memory"], results["arms"].get("moe"))
     hw = results["hardware"]
     lines += ["", f"Command: `{results['command']}` · {results['date']} · {hw['platform']}, {hw['cpu_count']} CPUs, "
                   f"torch {hw['torch']}{', ' + hw['gpu'] if hw['gpu'] else ''} · epochs per run: "
@@ -473,6 +518,68 @@ def write_markdown(results, path):
                   + f" ({results['train_tokens']:,} train tokens)"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def memory_markdown(memory, moe):
+    """The memory sweep's table, the n-gram bound and the fitted slopes, as markdown lines."""
+    lines = ["", "Memory sweep (backbone, steps and batch fixed; only the Engram table changes):", "",
+             "| memory | rows per head | table params | total params | val loss (mean ± std) | per seed | tok/s "
+             "| step time |", "|---|---|---|---|---|---|---|---|"]
+    if moe and moe["seeds"]:
+        lines.append(f"| none (moe) | — | 0 | {moe['params']['total'] / 1e6:.2f}M | {' | '.join(loss_cells(moe))} "
+                     f"| {moe['tok_per_s']:,.0f} | {1000 * memory['tokens_per_step'] / moe['tok_per_s']:.0f} ms |")
+    for r in memory["rows"]:
+        speed = (f"{r['tok_per_s']:,.0f}", f"{r['step_ms']:.0f} ms") if r["seeds"] else ("—", "—")
+        lines.append(f"| {r['variant']} | 2^{r['log2_rows']} | {r['table_params'] / 1e6:.2f}M | "
+                     f"{r['params']['total'] / 1e6:.2f}M | {' | '.join(loss_cells(r))} | {' | '.join(speed)} |")
+    bound = memory["distinct_ngrams"]
+    lines += ["", f"Distinct n-grams of canonical ids in the train split: {bound[2]:,} 2-grams, {bound[3]:,} 3-grams."]
+    for variant, fit in memory["fits"].items():
+        lines.append(f"Fit over {variant} sizes 2^{', 2^'.join(map(str, fit['log2_rows']))} (rows per head below the "
+                     f"distinct 2-grams): {fit['slope_per_doubling']:+.4f} val loss per doubling of table params.")
+    return lines
+
+
+def plot_memory(results, path):
+    """Validation loss (left) and step time (right) against table parameters on a log axis, one line
+    per memory variant; moe (no memory) as a horizontal line; the n-gram bound as vertical lines."""
+    memory, moe = results["memory"], results["arms"].get("moe")
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for variant in MEMORY_VARIANTS:
+        rows = [r for r in memory["rows"] if r["variant"] == variant and "final_val_loss" in r]
+        if not rows:
+            continue
+        x = [r["table_params"] for r in rows]
+        line = ax.errorbar(x, [r["final_val_loss"]["mean"] for r in rows], yerr=[r["final_val_loss"]["std"] for r in rows],
+                           marker="o", capsize=3, label=variant)[0]
+        for r in rows:  # every seed, so that the spread is visible
+            ax.scatter([r["table_params"]] * len(r["seeds"]), [s["final_val_loss"] for s in r["seeds"].values()],
+                       color=line.get_color(), s=10, alpha=0.5)
+        if variant in memory["fits"]:
+            fit = memory["fits"][variant]
+            xs = np.array([r["table_params"] for r in rows if r["log2_rows"] in fit["log2_rows"]])
+            ax.plot(xs, fit["intercept"] + fit["slope_per_doubling"] * np.log2(xs), "--", color=line.get_color(),
+                    label=f"{variant} fit: {fit['slope_per_doubling']:+.3f} per doubling")
+        ax_t.plot(x, [r["step_ms"] for r in rows], marker="o", color=line.get_color(), label=variant)
+    params_per_row = memory["rows"][0]["table_params"] / memory["rows"][0]["rows_per_head"]  # gated: all heads
+    for n, style in ((2, ":"), (3, "-.")):
+        ax.axvline(memory["distinct_ngrams"][n] * params_per_row, color="gray", linestyle=style,
+                   label=f"rows per head = distinct {n}-grams in train ({memory['distinct_ngrams'][n]:,})")
+    if moe and "final_val_loss" in moe:
+        ax.axhline(moe["final_val_loss"]["mean"], color="black", linewidth=1, label="moe, no memory")
+        ax_t.axhline(1000 * memory["tokens_per_step"] / moe["tok_per_s"], color="black", linewidth=1,
+                     label="moe, no memory")
+    for a, ylabel in ((ax, "final validation loss"), (ax_t, "step time (ms)")):
+        a.set_xscale("log")
+        a.set_xlabel("Engram table parameters")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax_t.set_ylim(bottom=0)
+    fig.suptitle("Memory scaling: only the Engram table grows (backbone, steps and batch fixed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(results, path):
@@ -530,7 +637,46 @@ def plot_allocation(results, path):
     plt.close(fig)
 
 
-def report(cfg, argv, arms, sweep, meta):
+def distinct_ngrams(meta, data_cfg, model_cfg):
+    """{2: n, 3: n}: distinct 2- and 3-grams of canonical ids (after Engram's tokenizer compression) in
+    the train split. A head with more rows than its order has distinct N-grams cannot store more:
+    past that size the rows are spare, and the loss curve must flatten."""
+    tok = Tokenizer.from_meta(meta)
+    canonical = build_canonical_ids(tok.token_bytes()).numpy() if model_cfg.engram.engram_compress \
+        else np.arange(tok.vocab_size)
+    ids = canonical[np.asarray(load_tokens(data_cfg.data_dir, "train", meta), dtype=np.int64)]
+    V = int(canonical.max()) + 1
+    key2 = ids[:-1] * V + ids[1:]  # (N-1,) one integer per 2-gram
+    key3 = key2[:-1] * V + ids[2:]  # (N-2,) V**3 < 2**63 for any vocabulary this project makes
+    return {2: len(np.unique(key2)), 3: len(np.unique(key3))}
+
+
+def memory_results(memory, cfg, vocab_size, meta, base):
+    """The sweep's rows (size, params, loss, speed), the n-gram bound, and a log-linear fit of the
+    loss over the sizes below it: loss = a + slope * log2(table params), slope per doubling of memory."""
+    train_cfg = resolve(base)
+    tokens_per_step = train_cfg.batch_size * train_cfg.model.block_size * train_cfg.gradient_accumulation_steps
+    bound = distinct_ngrams(meta, train_cfg.data, train_cfg.model)
+    rows = []
+    for g in memory:
+        r = summarize_group(g, cfg, vocab_size)
+        r["rows_per_head"], r["table_params"] = 2 ** g.extra["log2_rows"], g.params["engram_tables"]
+        if r["seeds"]:
+            r["step_ms"] = 1000 * tokens_per_step / r["tok_per_s"]
+        rows.append(r)
+    fits = {}
+    for variant in MEMORY_VARIANTS:
+        # below the bound: rows per head under the distinct 2-grams (the 2-gram heads still collide)
+        points = [r for r in rows if r["variant"] == variant and "final_val_loss" in r and r["rows_per_head"] < bound[2]]
+        if len(points) >= 2:
+            x = np.log2([r["table_params"] for r in points])
+            slope, intercept = np.polyfit(x, [r["final_val_loss"]["mean"] for r in points], 1)
+            fits[variant] = {"slope_per_doubling": float(slope), "intercept": float(intercept),
+                             "log2_rows": [r["log2_rows"] for r in points]}
+    return {"rows": rows, "distinct_ngrams": bound, "fits": fits, "tokens_per_step": tokens_per_step}
+
+
+def report(cfg, argv, arms, sweep, memory, meta, base):
     """Collect every number into results.json, then write results.md and the plots from it."""
     vocab_size = meta["vocab_size"]
     arm_results = {g.name: summarize_group(g, cfg, vocab_size) for g in arms}
@@ -543,7 +689,8 @@ def report(cfg, argv, arms, sweep, meta):
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(cfg), "preset": cfg.preset,
                "train_tokens": meta["train_tokens"], "epochs": max(finals) / meta["train_tokens"] if finals else None,
                "arms": arm_results, "engram_verdict": engram_verdict(arm_results),
-               "sweep": [summarize_group(g, cfg, vocab_size) for g in sweep]}
+               "sweep": [summarize_group(g, cfg, vocab_size) for g in sweep],
+               "memory": memory_results(memory, cfg, vocab_size, meta, base) if memory else None}
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -551,6 +698,8 @@ def report(cfg, argv, arms, sweep, meta):
     plot_curves(results, os.path.join(cfg.out_dir, "compare.png"))
     if results["sweep"]:
         plot_allocation(results, os.path.join(cfg.out_dir, "allocation.png"))
+    if results["memory"]:
+        plot_memory(results, os.path.join(cfg.out_dir, "memory_scaling.png"))
     with open(os.path.join(cfg.out_dir, "results.md")) as f:
         print(f.read())
 
@@ -560,13 +709,13 @@ def main(argv=None):
     try:
         cfg, passthrough = parse_args(argv)
         # every run: train.py's preset, then this file's preset on top, then the user's flags
-        base = {"preset": cfg.preset, "device": cfg.device, **{k: str(v) for k, v in PRESETS[cfg.preset].items()},
-                **passthrough}
+        own = {**PRESETS[cfg.preset], **(MEMORY_SWEEP if cfg.memory_sweep else {})}
+        base = {"preset": cfg.preset, "device": cfg.device, **{k: str(v) for k, v in own.items()}, **passthrough}
         meta = load_or_prepare(resolve(base).data)  # once here, so the runs reuse it; the vocab sizes the models
-        arms, sweep, _ = plan(cfg, base, meta["vocab_size"])
+        arms, sweep, memory, _ = plan(cfg, base, meta["vocab_size"])
         if not cfg.summarize_only:
-            train_all(runs_of(arms + sweep, cfg), meta["vocab_size"])
-        report(cfg, argv, arms, sweep, meta)
+            train_all(runs_of(arms + sweep + memory, cfg), meta["vocab_size"])
+        report(cfg, argv, arms, sweep, memory, meta, base)
     except (ConfigError, DataError, RunFailed) as e:
         cli.fail(e, 1 if isinstance(e, RunFailed) else 2)
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
     engram_seed: int = 0                        # seeds the hash multipliers
     engram_lr_mult: float = 5.0                 # tables: Adam lr x 5 (paper's setting)
     engram_weight_decay: float = 0.0            # tables: no weight decay (paper's setting)
-    engram_sparse: bool = False                 # train the tables sparsely: only the rows a batch looked up (§3)
+    engram_sparse: bool = True                  # train the tables sparsely: only the rows a batch looked up (§3)
 
     def __post_init__(self):
         orders = self.ngram_orders

@@ -201,6 +201,15 @@ def on_first_rank(fn, ddp: bool, per_machine: bool = False):
     return result
 
 
+def mean_over_ranks(value: float, world: int, device: str) -> float:
+    """The mean of one number over all DDP ranks (itself when there is one process)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
 def agree(ddp: bool, device: str, *flags: bool) -> list:
     """Under DDP, OR each flag over all ranks, so that every rank takes the same branch."""
     if not ddp:

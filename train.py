@@ -108,6 +108,7 @@ def train(cfg: TrainConfig):
     ckpt = harness.load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None and finished(ckpt, cfg, master):
         return
+    check_tables_fit(cfg.model.engram, cfg.device)
     harness.on_first_rank(lambda: harness.prepare_out_dir(cfg), ddp)
 
     # data: prepared once per machine, then memory-mapped by every process
@@ -116,10 +117,10 @@ def train(cfg: TrainConfig):
     train_tokens, val_tokens = (load_tokens(cfg.data.data_dir, split, meta) for split in ("train", "val"))
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
     block_size = cfg.model.block_size
-    starts = val_starts(len(val_tokens), cfg.eval_iters * cfg.batch_size, block_size)  # the same in every run
+    # the same validation windows in every run; under DDP each rank scores its part of each batch
+    starts = val_starts(len(val_tokens), cfg.eval_iters * cfg.batch_size * world, block_size)
 
     # model and optimizers: AdamW, plus lazy Adam for sparse Engram tables
-    check_tables_fit(cfg.model.engram, cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = raw_model = GPT(cfg.model, token_bytes=tok.token_bytes()).to(cfg.device)
     optimizers = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
@@ -137,11 +138,11 @@ def train(cfg: TrainConfig):
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if amp else nullcontext()
     tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * world
 
+    val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world) if it == 0 else None
     if it == 0 and master:  # the untrained model's loss anchors every curve
         harness.append_log(log_path, {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None,
-                                  "val_loss": evaluate(raw_model, val_tokens, starts, cfg, autocast), "lr": 0.0,
-                                  "tok_per_s": 0.0, "elapsed_s": 0.0})
-    stop, status, val_loss = harness.StopRequest(), 0, None
+                                      "val_loss": val_loss, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0})
+    stop, status = harness.StopRequest(), 0
     window_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
     # progress bars only on a terminal (disable=None): in a pipe or a log file they are noise
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None if master else True, desc="train", dynamic_ncols=True)
@@ -187,7 +188,7 @@ def train(cfg: TrainConfig):
             bar.set_postfix(step_loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:,.0f}")
 
             if it % cfg.eval_interval == 0 or it == cfg.max_iters or stopping:
-                val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast)
+                val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world)
                 elapsed, t_last = elapsed + time.time() - t_last, time.time()  # evaluation is wall time too
                 record = {"iter": it, "tokens": tokens_seen, "train_loss_mean": float(np.mean(window_losses)),
                           "train_loss_last": step_losses[-1], "val_loss": val_loss, "lr": lr,
@@ -231,16 +232,17 @@ def lr_at(it, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, val_tokens, starts, cfg, autocast):
-    """Mean loss over the fixed validation windows (the same for every run)."""
+def evaluate(model, val_tokens, starts, cfg, autocast, rank=0, world=1):
+    """Mean loss over the fixed validation windows (the same for every run): batches of
+    batch_size * world windows, of which each rank scores its part, then the ranks' mean."""
     model.eval()
-    losses = []
-    for i in range(0, len(starts), cfg.batch_size):
-        x, y = batch_at(val_tokens, starts[i:i + cfg.batch_size], cfg.model.block_size, cfg.device)
+    losses, B = [], cfg.batch_size
+    for i in range(0, len(starts), B * world):
+        x, y = batch_at(val_tokens, starts[i + rank * B:i + (rank + 1) * B], cfg.model.block_size, cfg.device)
         with autocast:
             losses.append(model(x, y)[1].item())
     model.train()
-    return float(np.mean(losses))
+    return harness.mean_over_ranks(float(np.mean(losses)), world, cfg.device)
 
 
 def clip_grad_norm(params, max_norm):

@@ -68,6 +68,7 @@ BAD_VALUES = [
     ("train.py", ["--warmup_iters=-1"], "--warmup_iters=-1"),
     ("train.py", ["--learning_rate=nan"], "--learning_rate=nan"),
     ("train.py", ["--dtype=fp8"], "--dtype=fp8"),
+    ("train.py", ["--engram_rows_per_head=10000000000"], "--engram_rows_per_head=10000000000"),  # ~19 TiB
     ("train.py", ["--max_iters"], "--max_iters needs a value"),
     ("train.py", ["--device=tpu"], "--device=tpu"),
     ("train.py", ["--engram_weight_decay=0.1", "--engram_sparse=true"], "--engram_sparse=false"),

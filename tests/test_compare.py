@@ -119,7 +119,7 @@ def test_iso_params_and_dense_match_moe_within_two_percent():
 def test_plan_shares_folders_between_identical_configs(tmp_path):
     cfg = compare.CompareConfig(out_dir=str(tmp_path), arms="moe,iso-params", iso_share=0.5,
                                 allocation_sweep=True, sweep_shares="0,0.5,0.9")
-    arms, sweep, moe = compare.plan(cfg, tiny_base(), 6000)
+    arms, sweep, _, moe = compare.plan(cfg, tiny_base(), 6000)
     assert [p.extra["n_routed_experts"] for p in sweep] == [8, 5, 3]  # nearest achievable E' per share
     assert sweep[0].dir == arms[0].dir  # share 0 is the moe arm itself
     assert sweep[1].dir == arms[1].dir  # and share 0.5 is iso-params
@@ -147,3 +147,38 @@ def test_bad_flags_fail_at_once_in_one_line(capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_memory_sweep_writes_its_table_plot_and_fit(prepared, tmp_path):
+    """Only the table size changes between the sweep's runs; the table, the plot, the n-gram bound
+    and the fitted slope all come out, and the sizes that pair with additive memory get 2 seeds."""
+    out = tmp_path / "mem"
+    args = [a for a in TINY if not a.startswith("--engram_rows_per_head")] + [
+        f"--out_dir={out}", "--memory_sweep", "--memory_log2_rows=4,6,8", "--memory_ungated=4,8",
+        f"--data_dir={prepared['data_dir']}", f"--source={prepared['source']}"]
+    proc = run_compare(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    memory = results["memory"]
+    rows = {(r["variant"], r["log2_rows"]): r for r in memory["rows"]}
+    assert set(rows) == {("engram", 4), ("engram", 6), ("engram", 8), ("additive-2gram", 4), ("additive-2gram", 8)}
+    assert [len(rows[("engram", n)]["seeds"]) for n in (4, 6, 8)] == [2, 1, 2]
+    assert len(results["arms"]["moe"]["seeds"]) == 2
+    tables = [rows[("engram", n)]["table_params"] for n in (4, 6, 8)]
+    assert tables[0] < tables[1] < tables[2]
+    totals = [rows[("engram", n)]["params"]["total"] - rows[("engram", n)]["table_params"] for n in (4, 6, 8)]
+    assert len(set(totals)) == 1  # everything but the table is the same model
+    cfgs = [json.loads((Path(r["dir"]) / "seed0" / "config.json").read_text()) for r in memory["rows"]]
+    assert {c["max_iters"] for c in cfgs} == {4} and {c["model"]["n_embd"] for c in cfgs} == {32}
+    additive = json.loads((Path(rows[("additive-2gram", 4)]["dir"]) / "seed0" / "config.json").read_text())
+    assert additive["model"]["engram"]["engram_gate"] is False and additive["model"]["engram"]["ngram_orders"] == [2]
+    bound = memory["distinct_ngrams"]
+    assert 0 < bound["2"] < bound["3"] < results["train_tokens"]
+    fit = memory["fits"]["engram"]
+    assert fit["log2_rows"] == [4, 6, 8]  # all below the 2-gram bound here
+    losses = [rows[("engram", n)]["final_val_loss"]["mean"] for n in (4, 6, 8)]
+    assert fit["slope_per_doubling"] == pytest.approx(np.polyfit(np.log2(tables), losses, 1)[0])
+    md = (out / "results.md").read_text()
+    assert "Memory sweep" in md and "| engram | 2^6 |" in md and "per doubling" in md
+    png = (out / "memory_scaling.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 10_000
