@@ -334,7 +334,7 @@ def announce(cfg, model, tok, meta, world, it):
     counts, engram = model.param_counts(), cfg.model.engram
     print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(engram.engram_layers)} | "
           f"params total {counts['total'] / 1e6:.2f}M, active/token {counts['active'] / 1e6:.2f}M, "
-          f"engram tables {counts['engram_tables'] / 1e6:.2f}M{' (sparse)' if engram.engram_sparse else ''} "
+          f"engram tables {counts['engram_tables'] / 1e6:.2f}M{' (sparse)' if engram.engram_sparse and engram.engram_layers else ''} "
           f"| vocab {tok.vocab_size}")
     if model.compression is not None:
         print(f"engram: tokenizer compression {tok.vocab_size:,} -> {model.compression.n_canonical:,} canonical ids "
