@@ -28,7 +28,7 @@ from train import build_config, clip_grad_norm
 class BenchConfig:
     kernels: bool = False             # benchmark the Triton kernels against their PyTorch references
     engram_scaling: bool = False      # step time against Engram table size: dense vs sparse table training
-    steps: int = 0                    # timed training steps per model; 0 = 20 (8 per path and size with --engram_scaling)
+    steps: int = 0                    # timed steps per model; 0 = 20 (with --engram_scaling: 8 per path and size)
 
     def __post_init__(self):
         if self.steps < 0:
@@ -235,7 +235,8 @@ def bench_kernels():
             for impl in impls:
                 row[f"{impl}_ms"] = round(time_ms(lambda: in_mode(impl, call), device), 4)
             if run_triton:  # recorded, not asserted: one miss must not cost the rest of a GPU run
-                row["max_abs_err"] = float((in_mode("triton", call).float() - in_mode("torch", call).float()).abs().max())
+                diff = in_mode("triton", call).float() - in_mode("torch", call).float()
+                row["max_abs_err"] = float(diff.abs().max())
                 row["speedup"] = round(row["torch_ms"] / row["triton_ms"], 2)
         if gpu:  # achieved throughput of each implementation, against the H200's peak
             for impl in impls:

@@ -130,10 +130,15 @@ def apply(cfg, flags: dict):
 def parse(cfg, argv, doc: str):
     """The whole command line of a script whose flags are exactly cfg's fields: -h/--help prints the
     help and exits; otherwise a new, validated cfg."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text(doc, cfg))
-        sys.exit(0)
+    exit_with_help_if_asked(argv, doc, cfg)
     return apply(cfg, parse_flags(argv, flat_fields(cfg)))
+
+
+def exit_with_help_if_asked(argv, doc: str, *configs, extra: str = ""):
+    """-h or --help anywhere on the command line: print help_text and exit 0."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(doc, *configs, extra=extra))
+        sys.exit(0)
 
 
 # ----------------------------------------------------------------------------- --help

@@ -122,7 +122,8 @@ class CompareConfig:
             if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm):
                 raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
         sweep_shares(self)  # a malformed list fails here too
-        if self.memory_seeds < 1 or not set(memory_sizes(self.memory_ungated)) <= set(memory_sizes(self.memory_log2_rows)):
+        sizes, ungated = memory_sizes(self.memory_log2_rows), memory_sizes(self.memory_ungated)
+        if self.memory_seeds < 1 or not set(ungated) <= set(sizes):
             raise ValueError(f"--memory_ungated={self.memory_ungated} must be among --memory_log2_rows="
                              f"{self.memory_log2_rows}, and --memory_seeds={self.memory_seeds} at least 1")
 
@@ -136,10 +137,8 @@ class RunFailed(Exception):
 def parse_args(argv):
     """-> (CompareConfig, {train flag: value} passed through to every run). Every flag is checked
     now, train.py's too, so that a typo fails at once and not after an hour of training."""
-    if "-h" in argv or "--help" in argv:
-        print(cli.help_text(__doc__, CompareConfig(), train.TrainConfig(), extra="\n  Any train.py flag is "
-                            "passed on to every run; out_dir, preset, device and seed are compare.py's own."))
-        sys.exit(0)
+    cli.exit_with_help_if_asked(argv, __doc__, CompareConfig(), train.TrainConfig(), extra="\n  Any train.py flag is "
+                                "passed on to every run; out_dir, preset, device and seed are compare.py's own.")
     own = cli.flat_fields(CompareConfig())
     flags = cli.parse_flags(argv, {**cli.flat_fields(train.TrainConfig()), "engram": str, **own})
     if "resume" in flags:
@@ -147,9 +146,10 @@ def parse_args(argv):
     cfg = cli.apply(CompareConfig(), {k: v for k, v in flags.items() if k in own})
     preset = cfg.preset or ("cpu" if cli.resolve_device(cfg.device) == "cpu" else "gpu")
     # the gpu preset runs the allocation sweep unless told not to
-    cfg = dataclasses.replace(cfg, preset=preset, arms=cfg.arms or ("moe" if cfg.memory_sweep else DEFAULT_ARMS[preset]),
-                              out_dir=cfg.out_dir or ("out-memory" if cfg.memory_sweep else "out-compare"),
-                              allocation_sweep=cfg.allocation_sweep or (preset == "gpu" and "allocation_sweep" not in flags))
+    cfg = dataclasses.replace(
+        cfg, preset=preset, arms=cfg.arms or ("moe" if cfg.memory_sweep else DEFAULT_ARMS[preset]),
+        out_dir=cfg.out_dir or ("out-memory" if cfg.memory_sweep else "out-compare"),
+        allocation_sweep=cfg.allocation_sweep or (preset == "gpu" and "allocation_sweep" not in flags))
     return cfg, {k: v for k, v in flags.items() if k not in own}
 
 
@@ -550,8 +550,8 @@ def plot_memory(results, path):
         if not rows:
             continue
         x = [r["table_params"] for r in rows]
-        line = ax.errorbar(x, [r["final_val_loss"]["mean"] for r in rows], yerr=[r["final_val_loss"]["std"] for r in rows],
-                           marker="o", capsize=3, label=variant)[0]
+        line = ax.errorbar(x, [r["final_val_loss"]["mean"] for r in rows], marker="o", capsize=3, label=variant,
+                           yerr=[r["final_val_loss"]["std"] for r in rows])[0]
         for r in rows:  # every seed, so that the spread is visible
             ax.scatter([r["table_params"]] * len(r["seeds"]), [s["final_val_loss"] for s in r["seeds"].values()],
                        color=line.get_color(), s=10, alpha=0.5)
@@ -667,7 +667,8 @@ def memory_results(memory, cfg, vocab_size, meta, base):
     fits = {}
     for variant in MEMORY_VARIANTS:
         # below the bound: rows per head under the distinct 2-grams (the 2-gram heads still collide)
-        points = [r for r in rows if r["variant"] == variant and "final_val_loss" in r and r["rows_per_head"] < bound[2]]
+        points = [r for r in rows if r["variant"] == variant and "final_val_loss" in r
+                  and r["rows_per_head"] < bound[2]]
         if len(points) >= 2:
             x = np.log2([r["table_params"] for r in points])
             slope, intercept = np.polyfit(x, [r["final_val_loss"]["mean"] for r in points], 1)

@@ -102,7 +102,8 @@ def show_gates(model, tok, ids, png_path, out=sys.stdout):
     ids = ids[:model.cfg.block_size]
     with torch.no_grad():
         model(torch.tensor([ids], device=next(model.parameters()).device))
-    gates = {i: b.engram.last_gate[0].float().cpu() for i, b in enumerate(model.blocks) if b.engram and b.engram.use_gate}
+    gates = {i: b.engram.last_gate[0].float().cpu() for i, b in enumerate(model.blocks)
+             if b.engram is not None and b.engram.use_gate}
     pieces = [tok.decode([i]) for i in ids]
     for layer, g in gates.items():
         out.write(f"--- Engram gate, block {layer} (mean {g.mean():.2f})\n")

@@ -76,12 +76,13 @@ class TrainConfig:
 
 # Presets are plain overrides, applied before the command line's.
 PRESETS = {
-    # About 6 minutes on 2 CPU cores: ~0.8M tokens, 1.6 epochs of the 0.5M-token excerpt in
-    # ../shared (past ~2 epochs the validation loss turns up). Short runs need the router bias
-    # to adapt faster than DeepSeek-V3's 1e-3 per step, hence bias_update_speed.
+    # About 6 minutes on 2 CPU cores: ~0.8M tokens, 1.6 epochs of the 0.5M-token excerpt in ../shared
+    # (past ~2 epochs the validation loss turns up). Short runs need the router bias to adapt faster than
+    # DeepSeek-V3's 1e-3 per step, hence bias_update_speed. 2^16 rows per head: the largest Engram table
+    # whose step stayed within 1.1x of the smallest's in compare.py --memory_sweep (README).
     "cpu": dict(max_iters=400, eval_interval=50, eval_iters=10, batch_size=16, block_size=128,
                 n_layer=6, n_head=8, n_embd=256, learning_rate=3e-3, min_lr=3e-4, warmup_iters=40,
-                bias_update_speed=1e-2),
+                bias_update_speed=1e-2, engram_rows_per_head=65536),
     # A single modern GPU: a ~50M-parameter model on ~330M tokens of the whole train split.
     "gpu": dict(max_iters=5000, eval_interval=250, eval_iters=40, batch_size=128, block_size=512,
                 n_layer=8, n_head=8, n_embd=512, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
@@ -112,7 +113,8 @@ def train(cfg: TrainConfig):
     harness.on_first_rank(lambda: harness.prepare_out_dir(cfg), ddp)
 
     # data: prepared once per machine, then memory-mapped by every process
-    meta = harness.on_first_rank(lambda: load_or_prepare(cfg.data), ddp, per_machine=True) or load_or_prepare(cfg.data)
+    meta = harness.on_first_rank(lambda: load_or_prepare(cfg.data), ddp, per_machine=True) \
+        or load_or_prepare(cfg.data)  # the other ranks read what the first one wrote
     tok = Tokenizer.from_meta(meta)
     train_tokens, val_tokens = (load_tokens(cfg.data.data_dir, split, meta) for split in ("train", "val"))
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
@@ -144,8 +146,9 @@ def train(cfg: TrainConfig):
                                       "val_loss": val_loss, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0})
     stop, status = harness.StopRequest(), 0
     window_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
-    # progress bars only on a terminal (disable=None): in a pipe or a log file they are noise
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=None if master else True, desc="train", dynamic_ncols=True)
+    # a progress bar only on a terminal (disable=None): in a pipe or a log file it is noise
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=None if master else True, desc="train",
+               dynamic_ncols=True)
     t_last = time.time()
     try:
         while it < cfg.max_iters:
@@ -164,8 +167,8 @@ def train(cfg: TrainConfig):
                 raw_model.average_sparse_grads()
             grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
             # every rank learns whether any rank saw a non-finite loss or was asked to stop
-            nonfinite, stopping = harness.agree(ddp, cfg.device, not all(map(math.isfinite, step_losses + [grad_norm])),
-                                            stop.signal is not None)
+            nonfinite = not all(map(math.isfinite, step_losses + [grad_norm]))
+            nonfinite, stopping = harness.agree(ddp, cfg.device, nonfinite, stop.signal is not None)
             if nonfinite:
                 if master:
                     bar.write(f"error: loss or gradient became non-finite at iter {it} (last loss {step_losses[-1]}); "
@@ -203,7 +206,8 @@ def train(cfg: TrainConfig):
                 window_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
             if stopping:
                 if master:
-                    bar.write(f"stopped by signal {stop.signal}: saved {ckpt_path} at iter {it}; continue with --resume")
+                    bar.write(f"stopped by signal {stop.signal}: saved {ckpt_path} at iter {it}; "
+                              "continue with --resume")
                 status = 128 + stop.signal
                 break
     finally:
@@ -266,10 +270,8 @@ def build_config(argv) -> TrainConfig:
     """Defaults <- preset (chosen by device unless given) <- command line. With --resume: the
     checkpoint's config <- the flags given now, which may change how the run trains (max_iters,
     device, kernels, ...) but not its model, data or preset."""
-    if "-h" in argv or "--help" in argv:
-        print(cli.help_text(__doc__, TrainConfig(), extra="\n  --engram=on|off: shorthand for the default "
-                            "engram_layers or none. --preset=cpu|gpu: see PRESETS in train.py."))
-        sys.exit(0)
+    cli.exit_with_help_if_asked(argv, __doc__, TrainConfig(),
+                                extra="\n  --engram=on|off: the default engram_layers, or none")
     flags = cli.parse_flags(argv, {**cli.flat_fields(TrainConfig()), "engram": str})
     engram = flags.pop("engram", "on").lower()  # --engram=off: shorthand for an empty engram_layers
     if engram not in ("on", "off"):
@@ -311,8 +313,8 @@ def check_tables_fit(engram_cfg, device):
 
 
 def finished(ckpt, cfg, master) -> bool:
-    """--resume on a run that has done its steps: say so and how to go on. Extending a run whose cosine
-    follows max_iters (lr_decay_iters=0) re-stretches that cosine from here on: say that too."""
+    """--resume of a run that has done its steps: say so, and how to go on; and say it when extending a
+    run moves its learning rate (with lr_decay_iters=0 the cosine follows max_iters)."""
     done, saved_iters = ckpt["iter"], ckpt["config"]["max_iters"]
     if master and done >= cfg.max_iters:
         print(f"{cfg.out_dir}: the run is complete ({done} of --max_iters={cfg.max_iters} steps); to train it "
@@ -332,9 +334,10 @@ def announce(cfg, model, tok, meta, world, it):
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     counts, engram = model.param_counts(), cfg.model.engram
+    sparse = " (sparse)" if engram.engram_sparse and engram.engram_layers else ""
     print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(engram.engram_layers)} | "
           f"params total {counts['total'] / 1e6:.2f}M, active/token {counts['active'] / 1e6:.2f}M, "
-          f"engram tables {counts['engram_tables'] / 1e6:.2f}M{' (sparse)' if engram.engram_sparse and engram.engram_layers else ''} "
+          f"engram tables {counts['engram_tables'] / 1e6:.2f}M{sparse} "
           f"| vocab {tok.vocab_size}")
     if model.compression is not None:
         print(f"engram: tokenizer compression {tok.vocab_size:,} -> {model.compression.n_canonical:,} canonical ids "
