@@ -48,6 +48,14 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
+def copy_run(folder, to):
+    """A copy of a run folder to damage or extend, leaving the original as it is."""
+    to.mkdir()
+    for name, content in snapshot(folder).items():
+        (to / name).write_bytes(content)
+    return to
+
+
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     """A finished tiny run (6 steps) to resume, sample from and damage copies of."""
@@ -121,10 +129,7 @@ def test_fresh_run_refuses_an_out_dir_that_holds_a_run(trained, prepared, tmp_pa
     assert proc.returncode == 2
     one_line_error(proc.stderr, f"--out_dir={trained}", "--resume", "--overwrite=true")
     assert snapshot(trained) == before  # log.jsonl and ckpt.pt untouched
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name, content in before.items():
-        (copy / name).write_bytes(content)
+    copy = copy_run(trained, tmp_path / "copy")
     proc = run("train.py", *TINY, *data_flags(prepared), f"--out_dir={copy}", "--max_iters=2", "--eval_interval=2",
                "--overwrite=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -151,10 +156,7 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(trained):
 
 
 def test_extending_a_run_warns_that_the_cosine_moves(trained, tmp_path):
-    copy = tmp_path / "run"
-    copy.mkdir()
-    for name, content in snapshot(trained).items():
-        (copy / name).write_bytes(content)
+    copy = copy_run(trained, tmp_path / "run")
     proc = run("train.py", f"--out_dir={copy}", "--resume", "--max_iters=9")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--lr_decay_iters=6 keeps the old schedule" in proc.stdout
@@ -179,10 +181,7 @@ def test_resume_with_a_checkpoint_whose_config_does_not_fit_its_weights(trained,
 
 def test_resume_survives_a_truncated_config_json(trained, tmp_path):
     """config.json is for people; --resume reads the config stored in the checkpoint."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for name, content in snapshot(trained).items():
-        (run_dir / name).write_bytes(content)
+    run_dir = copy_run(trained, tmp_path / "run")
     (run_dir / "config.json").write_text('{"out_dir": "ou')
     proc = run("train.py", f"--out_dir={run_dir}", "--resume", "--max_iters=9")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -190,10 +189,7 @@ def test_resume_survives_a_truncated_config_json(trained, tmp_path):
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(trained, prepared, tmp_path, monkeypatch, capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for name, content in snapshot(trained).items():
-        (run_dir / name).write_bytes(content)
+    run_dir = copy_run(trained, tmp_path / "run")
     (run_dir / "ckpt.pt.tmp").write_bytes(b"left by a crash")  # a stale partial save: cleaned at start
     good = (run_dir / "ckpt.pt").read_bytes()
 
