@@ -210,9 +210,13 @@ def check_fits(n_bytes: int, device: str, what: str):
     """Fail now, not after minutes of work, if n_bytes cannot fit in the device's free memory."""
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(device))[0]
-    else:  # the memory Linux reports as available (free plus reclaimable cache)
+    elif os.path.exists("/proc/meminfo"):  # Linux: MemAvailable, free plus reclaimable cache
         with open("/proc/meminfo") as f:
-            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), n_bytes)
-    if n_bytes > 0.9 * free:
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    elif hasattr(os, "sysconf"):  # macOS and other Unixes: the machine's whole memory, an upper bound
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        free = None
+    if free is not None and n_bytes > 0.9 * free:  # memory we cannot read is no reason to refuse
         raise ConfigError(f"{what} need about {n_bytes / 2**30:.1f} GiB, and {device} has "
                           f"{free / 2**30:.1f} GiB free")

@@ -112,11 +112,11 @@ def train(cfg: TrainConfig):
     check_tables_fit(cfg.model.engram, cfg.device)
     harness.on_first_rank(lambda: harness.prepare_out_dir(cfg), ddp)
 
-    # data: prepared once per machine, then memory-mapped by every process
+    # data: prepared once per machine, the token files checked against meta.json, then memory-mapped
     meta = harness.on_first_rank(lambda: load_or_prepare(cfg.data), ddp, per_machine=True) \
-        or load_or_prepare(cfg.data)  # the other ranks read what the first one wrote
+        or load_or_prepare(cfg.data)  # the other ranks read (and check) what the first one wrote
     tok = Tokenizer.from_meta(meta)
-    train_tokens, val_tokens = (load_tokens(cfg.data.data_dir, split, meta) for split in ("train", "val"))
+    train_tokens, val_tokens = (load_tokens(cfg.data.data_dir, split) for split in ("train", "val"))
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
     block_size = cfg.model.block_size
     # the same validation windows in every run; under DDP each rank scores its part of each batch

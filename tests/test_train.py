@@ -160,7 +160,8 @@ def test_cli_errors(prepared, tmp_path):
     assert_one_line_error(run("train.py", "--batch_size=lots"), "--batch_size=lots", "int")
     assert_one_line_error(run("train.py", "--attn=gqa"), "attn")
     assert_one_line_error(run("train.py", "--kernels=fast"), "kernels")
-    assert_one_line_error(run("train.py", f"--data_dir={tmp_path / 'nodata'}", "--source=/no/such/place"),
+    assert_one_line_error(run("train.py", f"--data_dir={tmp_path / 'nodata'}", "--source=/no/such/place",
+                              f"--out_dir={tmp_path / 'out'}"),
                           "/no/such/place")
     assert_one_line_error(run("sample.py", f"--out_dir={tmp_path / 'nothing'}"), "no checkpoint")
     bad = tmp_path / "bad"
