@@ -120,7 +120,7 @@ def interleaved_step_times(models, steps, batch_size, block_size, vocab_size, de
             for opt in optimizers[name]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if device == "cuda":
+            if device == "cuda":  # GPU work is asynchronous: wait for it before reading the clock
                 torch.cuda.synchronize()
             if step >= warmup:
                 times[name].append(time.perf_counter() - t0)
@@ -217,7 +217,7 @@ def bench_kernels():
     label = torch.cuda.get_device_name() if gpu else (
         "cpu: Triton interpreter, timings meaningless" if run_triton else "cpu: PyTorch reference only (no GPU)")
     if gpu:
-        dtype = torch.bfloat16
+        dtype = gpu_dtype()
         cases = [("engram_lookup", engram_case(64, 2048, 8, 65537, 32, device, dtype)),
                  ("moe_grouped_swiglu", moe_case(8192, 64, 6, 1024, 512, device, dtype)),
                  ("moe_grouped_swiglu", moe_case(8192, 64, 6, 2048, 1408, device, dtype))]
@@ -254,6 +254,11 @@ def bench_kernels():
         emit(bench="end_to_end", note="skipped: --kernels=torch vs triton training and sampling need a CUDA GPU")
 
 
+def gpu_dtype():
+    """What train.py's --dtype=auto picks on this GPU: bf16 from compute capability 8.0, else fp16."""
+    return getattr(torch, cli.resolve_dtype("auto", cli.describe_device("cuda")))
+
+
 def in_mode(mode, fn):
     """fn() with kernels.py's switch set to mode ('torch' or 'triton'), then set back."""
     previous, kernels.mode = kernels.mode, mode
@@ -279,7 +284,7 @@ def bench_end_to_end(device, steps=10):
         for mode, model in models.items():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=gpu_dtype()):
                 _, loss = in_mode(mode, lambda: model(x[:, :-1], x[:, 1:]))
             in_mode(mode, loss.backward)
             for opt in opts[mode]:
@@ -294,7 +299,7 @@ def bench_end_to_end(device, steps=10):
     for mode, model in models.items():
         model.eval()
         prompt = torch.randint(0, 7000, (32, 16), device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=gpu_dtype()):
             in_mode(mode, lambda: list(model.generate(prompt, 8, temperature=0)))  # warm-up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -307,7 +312,8 @@ def bench_end_to_end(device, steps=10):
 def main(argv=None):
     try:
         cfg = cli.parse(BenchConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-        device = cli.setup_device("auto", "auto")
+        # a CUDA GPU or the CPU (not MPS: its sparse tables and timers differ, see train.py)
+        device, _ = cli.setup_device("cuda" if torch.cuda.is_available() else "cpu", "auto")
     except cli.ConfigError as e:
         cli.fail(e)
     if cfg.kernels:

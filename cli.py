@@ -182,9 +182,10 @@ def help_text(doc: str, *configs, extra: str = "") -> str:
 # ----------------------------------------------------------------------------- the device
 
 def resolve_device(device: str) -> str:
-    """--device: 'auto' becomes cuda when a GPU is present, else cpu; a GPU that is not there is an error."""
+    """--device: 'auto' becomes cuda when an NVIDIA GPU is present, else mps on an Apple-silicon Mac, else cpu;
+    a device that is not there is an error."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device={device}: no CUDA GPU is available; use --device=cpu")
     if device == "mps" and not torch.backends.mps.is_available():
@@ -196,14 +197,47 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def setup_device(device: str, kernel_mode: str) -> str:
-    """Resolve --device, and set --kernels for it (kernels.py's one switch); returns the device."""
+def describe_device(device: str) -> dict:
+    """{'type', 'name', 'capability'} of a resolved --device: what the dtype and kernel choices depend on
+    (tests pass such dicts for hardware this machine lacks). capability is (major, minor) on CUDA, else None."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return {"type": kind, "name": torch.cuda.get_device_name(device),
+                "capability": tuple(torch.cuda.get_device_capability(device))}
+    return {"type": kind, "name": "Apple GPU (MPS)" if kind == "mps" else "CPU", "capability": None}
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_dtype(dtype: str, hardware: dict) -> str:
+    """--dtype for the hardware (describe_device): 'auto' is bfloat16 autocast on CUDA GPUs of compute
+    capability 8.0+ (A100, RTX 30xx on), float16 autocast with loss scaling on older ones (V100 7.0, T4 7.5
+    have no bf16 units), float32 on the CPU and on Apple GPUs. The capability is read, not
+    torch.cuda.is_bf16_supported(), which also says yes to bf16 emulated in software."""
+    cuda = hardware["type"] == "cuda"
+    has_bf16 = cuda and tuple(hardware["capability"]) >= (8, 0)
+    if dtype == "auto":
+        return ("bfloat16" if has_bf16 else "float16") if cuda else "float32"
+    if dtype == "bfloat16" and cuda and not has_bf16:
+        major, minor = hardware["capability"]
+        raise ConfigError(f"--dtype=bfloat16: {hardware['name']} (compute capability {major}.{minor}) has no "
+                          "bfloat16; use --dtype=float16 (or auto, which picks it)")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def setup_device(device: str, kernel_mode: str, dtype: str = "float32") -> tuple[str, str]:
+    """Resolve --device and --dtype, and set --kernels for them (kernels.py's one switch, which picks each
+    op's kernel by the GPU and the compute dtype); returns (device, dtype)."""
     device = resolve_device(device)
-    try:  # --kernels=triton needs triton and a GPU (or the interpreter): say so now, not mid-run
-        kernels.set_mode(kernel_mode, device)
+    dtype = resolve_dtype(dtype, describe_device(device))
+    try:  # --kernels=triton needs triton and a GPU that suits every kernel (or the interpreter): say so now
+        kernels.set_mode(kernel_mode, device, getattr(torch, dtype))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return device
+    return device, dtype
 
 
 def check_fits(n_bytes: int, device: str, what: str):

@@ -144,7 +144,7 @@ def parse_args(argv):
     if "resume" in flags:
         raise ConfigError("--resume: compare.py resumes unfinished runs by itself; just rerun it")
     cfg = cli.apply(CompareConfig(), {k: v for k, v in flags.items() if k in own})
-    preset = cfg.preset or ("cpu" if cli.resolve_device(cfg.device) == "cpu" else "gpu")
+    preset = cfg.preset or ("gpu" if cli.resolve_device(cfg.device).startswith("cuda") else "cpu")
     # the gpu preset runs the allocation sweep unless told not to
     cfg = dataclasses.replace(
         cfg, preset=preset, arms=cfg.arms or ("moe" if cfg.memory_sweep else DEFAULT_ARMS[preset]),

@@ -44,7 +44,16 @@ def load_checkpoint(path: str) -> dict:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and retrain") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         raise ConfigError(f"checkpoint {path} is not a nano-engram checkpoint")
+    ckpt["model"] = {plain_name(k): v for k, v in ckpt["model"].items()}
     return ckpt
+
+
+def plain_name(key: str) -> str:
+    """A parameter's name without the wrappers' prefixes: torch.compile's '_orig_mod.' and DDP's 'module.'
+    (train.py saves the unwrapped model, but a checkpoint written by other code may carry them)."""
+    while key.startswith(("_orig_mod.", "module.")):
+        key = key.partition(".")[2]
+    return key
 
 
 def prepare_out_dir(cfg):
@@ -59,12 +68,15 @@ def prepare_out_dir(cfg):
             os.remove(os.path.join(cfg.out_dir, name))  # .tmp: a save cut short by a crash or a full disk
 
 
-def restore(ckpt, model, optimizers, rng):
-    """Weights, optimizer moments, RNG states and counters from a checkpoint (one line if they do not fit)."""
+def restore(ckpt, model, optimizers, rng, scaler):
+    """Weights, optimizer moments, the fp16 loss scale, RNG states and counters from a checkpoint (one line
+    if they do not fit). The tensors come from the CPU and land on the model's device, wherever it was saved."""
     try:
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
+        if scaler.is_enabled() and ckpt.get("scaler"):  # a run that trained in fp16 before: its loss scale
+            scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(f"the checkpoint's weights do not fit its config ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:100]}); retrain it in a fresh --out_dir") from None

@@ -4,9 +4,9 @@
   2. moe_grouped_swiglu     all routed experts' SwiGLU as grouped GEMMs        (moe.py, DeepSeekMoE)
   3. mla_decode_attention   MLA's absorbed attention for one new token, split-KV (mla.py, DeepSeek-V2 §2.1.2)
 
-One switch, like DeepSeek-V3's gemm_impl: the scripts call set_mode(--kernels, device) once and every
-op reads `mode`. "torch" runs the reference, "triton" the kernel, "auto" the kernel on CUDA tensors when
-triton is installed. This file imports nothing from the project and works without triton; no other file
+One switch, like DeepSeek-V3's gemm_impl: the scripts call set_mode(--kernels, device, dtype) once and
+every op reads `mode`. "torch" runs the reference, "triton" the kernel, "auto" the kernel on CUDA tensors
+when triton is installed and the GPU and dtype suit that kernel (unsupported: sm80+), else the reference. This file imports nothing from the project and works without triton; no other file
 imports triton. Each section reads as the Triton tutorials do: the idea and its memory traffic, the
 PyTorch reference, the forward kernel, the backward kernel(s), the autograd Function and the public op.
 
@@ -75,28 +75,86 @@ else:
     DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 256, 64
 
 MODES = ("auto", "triton", "torch")
+OPS = ("engram_lookup", "moe_grouped_swiglu", "mla_decode_attention")
 mode = "auto"  # set once by the scripts from --kernels (set_mode); read by every op below
 
+# Which GPUs a kernel is known to suit. Triton's supported NVIDIA GPUs are compute capability 8.0+ (Ampere,
+# Ada, Hopper): since Triton 3.3 a tl.dot below sm80 compiles to plain FMA loops, without tensor cores
+# (triton-lang/triton PR 5066), far slower than the cuBLAS matmuls the references call. Every kernel here
+# compiles ahead of time for sm70 and sm75 too (tests/test_kernels.py), but compiling is not running well,
+# so "auto" keeps V100s (7.0) and T4s (7.5) on the references. The tensor-core kernels (MoE, MLA decode)
+# take bf16, fp16 and fp32 (TF32 where torch's own matmuls use it) operands on sm80+.
+MIN_CAPABILITY = (8, 0)
+DOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-def set_mode(new_mode: str, device="cpu") -> None:
-    """Validate --kernels for the device the model runs on, then set the module-level mode."""
+
+def unsupported(op: str, capability, dtype) -> str:
+    """Why op's Triton kernel should not run on a CUDA GPU of this (major, minor) capability with operands
+    of this dtype; "" where it is known to compile and run."""
+    if tuple(capability) < MIN_CAPABILITY:
+        return (f"compute capability {capability[0]}.{capability[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
+                "the oldest Triton supports (its tl.dot has no tensor cores there)")
+    if op != "engram_lookup" and dtype not in DOT_DTYPES:  # the lookup only gathers rows: any dtype
+        return f"{str(dtype).replace('torch.', '')} operands have no tensor-core tl.dot here"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def _compute_dtype(x):
+    """The dtype a kernel's tl.dot sees for x: autocast's on a GPU under autocast (the MoE op casts to it)."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+
+
+def set_mode(new_mode: str, device="cpu", dtype=torch.float32) -> None:
+    """Validate --kernels for the device the model runs on and its compute dtype (autocast's, or the
+    weights'), then set the module-level mode. --kernels=triton where a kernel cannot run is an error."""
     global mode
     if new_mode not in MODES:
         raise ValueError(f"--kernels={new_mode!r}: expected one of {', '.join(MODES)}")
     if new_mode == "triton" and not HAVE_TRITON:
         raise ValueError("--kernels=triton: triton is not installed; use --kernels=torch (or auto)")
-    if new_mode == "triton" and torch.device(device).type != "cuda" and not INTERPRET:
-        raise ValueError(f"--kernels=triton: the tensors are on {torch.device(device)}, and the Triton kernels "
+    device = torch.device(device)
+    if new_mode == "triton" and device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"--kernels=triton: the tensors are on {device}, and the Triton kernels "
                          "need a CUDA GPU (or TRITON_INTERPRET=1 set before kernels.py is imported, to "
                          "run them slowly on the CPU); use --kernels=torch or auto")
+    if new_mode == "triton" and device.type == "cuda":
+        reasons = {unsupported(op, _capability(device), dtype) for op in OPS} - {""}
+        if reasons:
+            raise ValueError(f"--kernels=triton: {torch.cuda.get_device_name(device)} "
+                             f"{'; '.join(sorted(reasons))}; use --kernels=auto (the kernels that can run) or torch")
     mode = new_mode
 
 
-def use_triton(device) -> bool:
-    """True when the ops below should run their Triton kernel for tensors on `device`."""
+def use_triton(device, op=None, dtype=torch.float32) -> bool:
+    """True when op (one of OPS; None: any kernel) should run its Triton kernel for tensors on device whose
+    tl.dot operands have dtype: "auto" picks it on a CUDA GPU where it is known to run (unsupported)."""
+    device = torch.device(device)
     if mode == "auto":
-        return HAVE_TRITON and torch.device(device).type == "cuda" and not INTERPRET
+        return HAVE_TRITON and device.type == "cuda" and not INTERPRET and \
+            not unsupported(op or "engram_lookup", _capability(device), dtype)
     return mode == "triton"
+
+
+def plan(device, dtype=torch.float32) -> dict:
+    """{op: 'triton' or 'torch (why)'} under the current mode, for announcing what a run will use."""
+    device, out = torch.device(device), {}
+    for op in OPS:
+        if use_triton(device, op, dtype):
+            out[op] = "triton"
+        elif mode == "torch":
+            out[op] = "torch (--kernels=torch)"
+        elif device.type != "cuda":
+            out[op] = f"torch (no CUDA GPU: {device.type})"
+        elif not HAVE_TRITON or INTERPRET:
+            out[op] = "torch (triton is not installed)" if not HAVE_TRITON else "torch (auto skips the interpreter)"
+        else:
+            out[op] = f"torch ({unsupported(op, _capability(device), dtype)})"
+    return out
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -288,7 +346,7 @@ def engram_lookup(context, multipliers, head_primes, head_offsets, ngram_orders,
                   sparse=False):
     """Memory vector e_t of ONE Engram layer straight from canonical ids: (B, T, H * head_dim).
     Arguments and result as engram_lookup_reference; the kernel fuses its hash and gather."""
-    if not use_triton(table.device):
+    if not use_triton(table.device, "engram_lookup", table.dtype):
         return engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngram_orders,
                                        heads_per_order, table, sparse)
     assert context.dtype == torch.long and context.dim() == 2, "context: (B, P+T) int64 canonical ids"
@@ -566,7 +624,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 def moe_grouped_swiglu(x_sorted, counts, w1, w3, w2):
     """moe_grouped_swiglu_reference (same arguments, same result) with Triton grouped GEMMs: (M, dim).
     counts must be on the rows' device (no host sync) and sum to M."""
-    if not use_triton(x_sorted.device) or x_sorted.shape[0] == 0:
+    if not use_triton(x_sorted.device, "moe_grouped_swiglu", _compute_dtype(x_sorted)) or x_sorted.shape[0] == 0:
         return moe_grouped_swiglu_reference(x_sorted, counts, w1, w3, w2)
     assert counts.numel() == w1.shape[0] == w3.shape[0] == w2.shape[0], "one count per expert"
     assert counts.device == x_sorted.device, "counts must be on the rows' device (no host sync)"
@@ -696,7 +754,7 @@ def _decode_split_len(batch: int, n_heads: int, cache_len: int, device) -> int:
 def mla_decode_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, num_splits=None):
     """Absorbed MLA decode for one new token per sequence: (B, H, kv_lora_rank), as mla_decode_reference.
     num_splits overrides the split-KV heuristic (for tests)."""
-    if not use_triton(q_latent.device):
+    if not use_triton(q_latent.device, "mla_decode_attention", kv_latent.dtype):
         return mla_decode_reference(q_latent, q_rope, kv_latent, k_rope, softmax_scale)
     B, H, C = q_latent.shape
     S, R = kv_latent.shape[1], q_rope.shape[-1]

@@ -116,7 +116,7 @@ def show_gates(model, tok, ids, png_path, out=sys.stdout):
 def main(argv=None):
     try:
         cfg = cli.parse(SampleConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-        device = cli.setup_device(cfg.device, cfg.kernels)
+        device, _ = cli.setup_device(cfg.device, cfg.kernels)  # sampling runs in float32
         gates_png = cfg.gates_png or os.path.join(cfg.out_dir, "gates.png")
         if cfg.show_gates:  # a place the heatmap cannot go fails now, not after sampling
             harness.check_writable_dir(os.path.dirname(os.path.abspath(gates_png)), "gates_png")

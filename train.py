@@ -35,8 +35,8 @@ class TrainConfig:
     out_dir: str = "out"              # run folder: config.json, log.jsonl, loss.png, ckpt.pt
     preset: str = ""                  # 'cpu' | 'gpu'; '' = chosen by device
     device: str = "auto"              # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-    dtype: str = "auto"               # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'bfloat16' | 'float32'
-    kernels: str = "auto"             # 'auto' | 'triton' | 'torch': Triton kernels (kernels.py) on CUDA if installed
+    dtype: str = "auto"               # 'auto' (bf16 autocast on CUDA sm80+, fp16 + loss scaling on older GPUs, fp32 on CPU/MPS) | 'bfloat16' | 'float16' | 'float32'
+    kernels: str = "auto"             # 'auto' | 'triton' | 'torch': Triton kernels (kernels.py) where the GPU suits them
     compile: bool = False             # torch.compile the model
     resume: bool = False              # continue out_dir/ckpt.pt where it stopped
     overwrite: bool = False           # start afresh in an out_dir that holds a run, replacing it
@@ -68,8 +68,8 @@ class TrainConfig:
             raise ValueError(f"--beta1={self.beta1}, --beta2={self.beta2}: each must be in [0, 1)")
         if self.preset not in ("", *PRESETS):
             raise ValueError(f"--preset={self.preset}: expected one of {', '.join(PRESETS)}")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"--dtype={self.dtype}: expected auto, bfloat16 or float32")
+        if self.dtype not in cli.DTYPES:
+            raise ValueError(f"--dtype={self.dtype}: expected one of {', '.join(cli.DTYPES)}")
         if self.kernels not in kernels.MODES:
             raise ValueError(f"--kernels={self.kernels}: expected one of {', '.join(kernels.MODES)}")
 
@@ -104,7 +104,7 @@ def main(argv=None):
 def train(cfg: TrainConfig):
     """Everything a run does, in order: processes, data, model and optimizers, then the loop."""
     ddp, rank, world, cfg.device = harness.init_distributed(cfg.device)
-    master, device_type = rank == 0, "cuda" if cfg.device.startswith("cuda") else "cpu"
+    master, device_type = rank == 0, torch.device(cfg.device).type  # 'cuda', 'cpu' or 'mps'
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = harness.load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None and finished(ckpt, cfg, master):
@@ -128,24 +128,27 @@ def train(cfg: TrainConfig):
     optimizers = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                                 device_type)
     rng = np.random.default_rng(cfg.seed)  # batch order: each rank draws the global batch, takes its part
-    it, tokens_seen, elapsed = harness.restore(ckpt, raw_model, optimizers, rng) if ckpt else (0, 0, 0.0)
+    # precision by hardware (cli.resolve_dtype): autocast in bf16 or fp16, or plain fp32. fp16's narrow range
+    # needs loss scaling: the scaler multiplies the loss before backward and divides the gradients after.
+    dtype = cli.resolve_dtype(cfg.dtype, cli.describe_device(cfg.device))
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # disabled: every call a no-op
+    it, tokens_seen, elapsed = harness.restore(ckpt, raw_model, optimizers, rng, scaler) if ckpt else (0, 0, 0.0)
     if master:
-        announce(cfg, raw_model, tok, meta, world, it)
+        announce(cfg, raw_model, tok, meta, world, it, dtype)
         harness.trim_log(log_path, it)
     if cfg.compile:
         model = torch.compile(model)
     if ddp:  # DDP averages the dense gradients; the sparse tables' rows are averaged by the model itself
         model = harness.wrap_ddp(model, cfg.device, skip=raw_model.sparse_param_names())
-    amp = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if amp else nullcontext()
     tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * world
 
     val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world) if it == 0 else None
     if it == 0 and master:  # the untrained model's loss anchors every curve
         harness.append_log(log_path, {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None,
                                       "val_loss": val_loss, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0})
-    stop, status = harness.StopRequest(), 0
-    window_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
+    stop, status, overflows_in_a_row = harness.StopRequest(), 0, 0
+    window_losses, load_stats, window_skips, window_t0, window_tokens = [], [], 0, time.time(), 0
     # a progress bar only on a terminal (disable=None): in a pipe or a log file it is noise
     bar = tqdm(total=cfg.max_iters, initial=it, disable=None if master else True, desc="train",
                dynamic_ncols=True)
@@ -161,24 +164,35 @@ def train(cfg: TrainConfig):
                 last_micro = micro == cfg.gradient_accumulation_steps - 1
                 with (model.no_sync() if ddp and not last_micro else nullcontext()), autocast:
                     _, loss = model(x, y)
-                (loss / cfg.gradient_accumulation_steps).backward()
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                 step_losses.append(loss.item())
             if ddp:
                 raw_model.average_sparse_grads()
-            grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
-            # every rank learns whether any rank saw a non-finite loss or was asked to stop
-            nonfinite = not all(map(math.isfinite, step_losses + [grad_norm]))
-            nonfinite, stopping = harness.agree(ddp, cfg.device, nonfinite, stop.signal is not None)
-            if nonfinite:
+            for opt in optimizers:
+                scaler.unscale_(opt)  # fp16: the true gradients again, before they are clipped
+            grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip)
+            # every rank learns whether any rank saw a non-finite loss or gradient, or was asked to stop
+            bad_loss, bad_grad, stopping = harness.agree(ddp, cfg.device, not all(map(math.isfinite, step_losses)),
+                                                         not math.isfinite(grad_norm), stop.signal is not None)
+            # fp16: a gradient that overflowed means the loss scale is too high; the step is skipped by every
+            # optimizer and the scale halved (scaler.update). A real divergence overflows at any scale.
+            overflow = bad_grad and scaler.is_enabled() and not bad_loss
+            overflows_in_a_row = overflows_in_a_row + 1 if overflow else 0
+            if bad_loss or (bad_grad and not overflow) or overflows_in_a_row > MAX_OVERFLOWS_IN_A_ROW:
                 if master:
-                    bar.write(f"error: loss or gradient became non-finite at iter {it} (last loss {step_losses[-1]}); "
-                              f"stopping without saving. The last good checkpoint, if any, is {ckpt_path}. "
-                              "Try a lower --learning_rate.", file=sys.stderr)
+                    what = (f"the fp16 gradient overflowed {overflows_in_a_row} steps in a row (loss scale now "
+                            f"{scaler.get_scale():.1e})" if overflow else "loss or gradient became non-finite")
+                    bar.write(f"error: {what} at iter {it} (last loss {step_losses[-1]}); stopping without saving. "
+                              f"The last good checkpoint, if any, is {ckpt_path}. Try a lower --learning_rate"
+                              + (" or --dtype=float32." if scaler.is_enabled() else "."), file=sys.stderr)
                 status = 1
                 break
             for opt in optimizers:
-                opt.step()
+                if not overflow:
+                    scaler.step(opt)  # opt.step(), with the loss scale's bookkeeping under fp16
                 opt.zero_grad(set_to_none=True)
+            scaler.update()
+            window_skips += overflow
             moe_load = raw_model.update_router_biases()  # aux-loss-free balancing (DeepSeek-V3 §2.1.2)
             if moe_load:
                 load_stats.append({k: v["max_over_mean"] for k, v in moe_load.items()})
@@ -199,11 +213,14 @@ def train(cfg: TrainConfig):
                 if load_stats:  # mean over the window's steps of each MoE layer's max/mean expert load
                     record["moe_max_over_mean"] = {str(k): round(float(np.mean([s[k] for s in load_stats])), 3)
                                                    for k in load_stats[0]}
+                if scaler.is_enabled():  # fp16: the loss scale now, and the steps skipped since the last evaluation
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=window_skips)
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                         "config": dataclasses.asdict(cfg), "meta": meta, "iter": it, "tokens": tokens_seen,
-                         "elapsed_s": elapsed, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+                         "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg), "meta": meta, "iter": it,
+                         "tokens": tokens_seen, "elapsed_s": elapsed, "rng": rng.bit_generator.state,
+                         "torch_rng": torch.get_rng_state()}
                 harness.on_first_rank(lambda: bar.write(harness.save_evaluation(cfg.out_dir, record, state)), ddp)
-                window_losses, load_stats, window_t0, window_tokens = [], [], time.time(), 0
+                window_losses, load_stats, window_skips, window_t0, window_tokens = [], [], 0, time.time(), 0
             if stopping:
                 if master:
                     bar.write(f"stopped by signal {stop.signal}: saved {ckpt_path} at iter {it}; "
@@ -222,6 +239,9 @@ def train(cfg: TrainConfig):
               f"({tokens_seen / elapsed:,.0f} tok/s, evaluations included); checkpoint {ckpt_path}, log {log_path}, "
               f"plot {os.path.join(cfg.out_dir, 'loss.png')}")
     return raw_model
+
+
+MAX_OVERFLOWS_IN_A_ROW = 20  # fp16: from a scale of 2^16, 20 halvings reach 2^-4; overflowing still is divergence
 
 
 def lr_at(it, cfg):
@@ -251,16 +271,18 @@ def evaluate(model, val_tokens, starts, cfg, autocast, rank=0, world=1):
 
 def clip_grad_norm(params, max_norm):
     """torch.nn.utils.clip_grad_norm_, which cannot read a sparse gradient: a sparse table gradient is
-    coalesced (a row looked up twice is one row, its two gradients summed) and its values stand in."""
+    coalesced (a row looked up twice is one row, its two gradients summed) and its values stand in.
+    Returns the norm before clipping; max_norm=0 only measures it (for the non-finite check)."""
     grads = []
     for p in (p for p in params if p.grad is not None):
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
         grads.append(p.grad._values() if p.grad.is_sparse else p.grad)
     total = torch.nn.utils.get_total_norm(grads)
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(scale)
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(scale)
     return float(total)
 
 
@@ -280,10 +302,35 @@ def build_config(argv) -> TrainConfig:
         flags["engram_layers"] = ""
     if cli.parse_value("resume", flags.get("resume", "false"), bool):
         cfg = resumed_config(flags)
-    else:
-        preset = flags.get("preset") or ("cpu" if cli.resolve_device(flags.get("device", "auto")) == "cpu" else "gpu")
+    else:  # the gpu preset on an NVIDIA GPU; the cpu preset, sized for a laptop, on a CPU or an Apple GPU
+        device = cli.resolve_device(flags.get("device", "auto"))
+        preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
         cfg = cli.apply(TrainConfig(), {**PRESETS.get(preset, {}), "preset": preset, **flags})
-    return dataclasses.replace(cfg, device=cli.setup_device(cfg.device, cfg.kernels))
+    device, _ = cli.setup_device(cfg.device, cfg.kernels, cfg.dtype)
+    return fit_to_device(dataclasses.replace(cfg, device=device))
+
+
+def fit_to_device(cfg) -> TrainConfig:
+    """What the device cannot do, worked around: MPS has no sparse tensors (PyTorch issues 87886, 129842),
+    so there the Engram tables train densely, with AdamW (announce says so, and what it costs)."""
+    engram = cfg.model.engram
+    if cfg.device != "mps" or not (engram.engram_sparse and engram.engram_layers):
+        return cfg
+    if cfg.resume:
+        raise cli.ConfigError(f"--resume on mps: {cfg.out_dir} trains its Engram tables sparsely, which MPS cannot; "
+                              "resume it on a CPU or an NVIDIA GPU (sample.py runs it on MPS as it is)")
+    dense = dataclasses.replace(engram, engram_sparse=False)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, engram=dense))
+
+
+def dense_table_note(cfg) -> str:
+    """The one line announce prints where fit_to_device made the tables dense: why, and the price."""
+    if cfg.device != "mps" or cfg.model.engram.engram_sparse or not cfg.model.engram.engram_layers:
+        return ""
+    n = table_params(cfg.model.engram)
+    return (f"note: MPS has no sparse tensors, so the Engram tables ({n / 1e6:.1f}M parameters) train densely: every "
+            f"step writes a {4 * n / 2**20:,.0f} MB gradient and AdamW moves every row (on a CPU, bench.py "
+            "--engram_scaling measured the dense step at 1.10x the sparse one with 8.4M table parameters, 4.6x at 268M)")
 
 
 def resumed_config(flags) -> TrainConfig:
@@ -301,7 +348,24 @@ def resumed_config(flags) -> TrainConfig:
         if cli.flat_values(new)[key] != cli.flat_values(cfg)[key]:
             raise cli.ConfigError(f"--{key}: a resumed run keeps its model, data and preset; drop the flag, or "
                                   "train a new run in another --out_dir")
-    return new
+    return settings_for_this_machine(new, given=flags)
+
+
+def settings_for_this_machine(cfg, given) -> TrainConfig:
+    """A resumed run keeps its saved --device, --dtype and --kernels where this machine has them. One it
+    lacks (a GPU run resumed on a laptop: cuda, triton) and not given now falls back to auto, with a note."""
+    checks = {"device": lambda c: cli.resolve_device(c.device),
+              "dtype": lambda c: cli.resolve_dtype(c.dtype, cli.describe_device(cli.resolve_device(c.device))),
+              "kernels": lambda c: cli.setup_device(c.device, c.kernels, c.dtype)}
+    for key, check in checks.items():
+        try:
+            check(cfg)
+        except cli.ConfigError as e:
+            if key in given:
+                raise
+            print(f"note: resuming with --{key}=auto, as the saved setting does not suit this machine ({e})")
+            cfg = dataclasses.replace(cfg, **{key: "auto"})
+    return cfg
 
 
 def check_tables_fit(engram_cfg, device):
@@ -329,8 +393,8 @@ def finished(ckpt, cfg, master) -> bool:
 
 # ----------------------------------------------------------------------------- reports
 
-def announce(cfg, model, tok, meta, world, it):
-    """What is about to train, on what data, where; the whole config goes to config.json."""
+def announce(cfg, model, tok, meta, world, it, dtype):
+    """What is about to train, on what data, where and how; the whole config goes to config.json."""
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     counts, engram = model.param_counts(), cfg.model.engram
@@ -344,6 +408,15 @@ def announce(cfg, model, tok, meta, world, it):
               f"({100 * model.compression.reduction:.1f}% fewer); n-gram orders {list(engram.ngram_orders)}")
     print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; preset={cfg.preset} "
           f"device={cfg.device} world={world}" + (f"; resuming at iter {it}" if it else ""))
+    hardware = cli.describe_device(cfg.device)
+    cc = f", compute capability {'.'.join(map(str, hardware['capability']))}" if hardware["capability"] else ""
+    how = {"float32": "float32", "bfloat16": "bfloat16 autocast", "float16": "float16 autocast with loss scaling"}
+    plan = kernels.plan(cfg.device, getattr(torch, dtype))
+    uses = f"all {plan[kernels.OPS[0]]}" if len(set(plan.values())) == 1 else \
+        ", ".join(f"{op}={use}" for op, use in plan.items())
+    print(f"precision: {how[dtype]} (--dtype={cfg.dtype} on {hardware['name']}{cc}) | kernels: {uses}")
+    if note := dense_table_note(cfg):
+        print(note)
 
 
 if __name__ == "__main__":

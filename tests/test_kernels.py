@@ -313,10 +313,10 @@ def test_mla_decode_bytes_counts_cache_queries_and_output():
 
 # ----------------------------------------------------------------------------- compiling for Hopper
 
-def compile_every_kernel_for_sm90():
-    """Compile each kernel (first autotune config) to sm90 machine code, no GPU needed. The
-    interpreter runs Python, so it accepts code that the compiler rejects; this catches that.
-    Run in a fresh process with TRITON_INTERPRET=0 (see the test below)."""
+def compile_every_kernel(capability=90):
+    """Compile each kernel (first autotune config) to machine code for a GPU of this compute capability
+    (90: Hopper), no GPU needed. The interpreter runs Python, so it accepts code that the compiler
+    rejects; this catches that. Run in a fresh process with TRITON_INTERPRET=0 (see the test below)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -328,7 +328,7 @@ def compile_every_kernel_for_sm90():
                      "rows_ptr": "*i64", "grad_table_ptr": "*fp32", "part_out_ptr": "*fp32",
                      "part_lse_ptr": "*fp32"}  # others bf16
 
-    def compile_sm90(kernel, **constexprs):
+    def compile_for(kernel, **constexprs):
         jit, config = (kernel.fn, kernel.configs[0]) if isinstance(kernel, Autotuner) else (kernel, triton.Config({}))
         constexprs.update(config.kwargs)
         signature = {}
@@ -342,27 +342,29 @@ def compile_every_kernel_for_sm90():
         # as a launch with realistic shapes specialises: pointers and integers divisible by 16
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
                  if signature[name] not in ("constexpr", "fp32")}
-        triton.compile(ASTSource(jit, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+        triton.compile(ASTSource(jit, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", capability, 32),
                        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
-    compile_sm90(kernels._engram_lookup_kernel, MAX_ORDER=3, BLOCK_D=32)
-    compile_sm90(kernels._engram_lookup_backward_kernel, MAX_ORDER=3, BLOCK_D=32, BLOCK_T=128)
-    compile_sm90(kernels._engram_rows_kernel, MAX_ORDER=3, BLOCK_T=128)
-    compile_sm90(kernels._grouped_swiglu_up_kernel, SAVE_PREACT=True, PRECISION="ieee", BLOCK_M=64)
-    compile_sm90(kernels._grouped_gemm_kernel, TRANS_B=False, HAS_SECOND=True, PRECISION="ieee", BLOCK_M=64)
-    compile_sm90(kernels._grouped_swiglu_backward_kernel, PRECISION="ieee", BLOCK_M=64)
-    compile_sm90(kernels._grouped_weight_grad_kernel, PRECISION="ieee")
-    compile_sm90(kernels._mla_decode_split_kernel, PRECISION="ieee", BLOCK_C=512, BLOCK_R=64)
-    compile_sm90(kernels._mla_decode_combine_kernel, BLOCK_SPLITS=64, BLOCK_C=64)
+    compile_for(kernels._engram_lookup_kernel, MAX_ORDER=3, BLOCK_D=32)
+    compile_for(kernels._engram_lookup_backward_kernel, MAX_ORDER=3, BLOCK_D=32, BLOCK_T=128)
+    compile_for(kernels._engram_rows_kernel, MAX_ORDER=3, BLOCK_T=128)
+    compile_for(kernels._grouped_swiglu_up_kernel, SAVE_PREACT=True, PRECISION="ieee", BLOCK_M=64)
+    compile_for(kernels._grouped_gemm_kernel, TRANS_B=False, HAS_SECOND=True, PRECISION="ieee", BLOCK_M=64)
+    compile_for(kernels._grouped_swiglu_backward_kernel, PRECISION="ieee", BLOCK_M=64)
+    compile_for(kernels._grouped_weight_grad_kernel, PRECISION="ieee")
+    compile_for(kernels._mla_decode_split_kernel, PRECISION="ieee", BLOCK_C=512, BLOCK_R=64)
+    compile_for(kernels._mla_decode_combine_kernel, BLOCK_SPLITS=64, BLOCK_C=64)
 
 
-def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+def test_kernels_compile_for_sm90_and_sm75_without_a_gpu(tmp_path):
+    """Hopper, and a T4 (sm75): there Triton lowers tl.dot to FMA, which compiles but is why --kernels=auto
+    keeps GPUs below sm80 on the references (kernels.unsupported)."""
     pytest.importorskip("triton", reason="triton is not installed")
     if DEVICE == "cuda":
         pytest.skip("on a GPU the other tests compile the kernels for real")
     pytest.importorskip("triton.compiler", reason="this triton has no ahead-of-time compiler API")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # fresh, compiled kernels
-    code = "import test_kernels; test_kernels.compile_every_kernel_for_sm90()"
+    code = "import test_kernels; test_kernels.compile_every_kernel(90); test_kernels.compile_every_kernel(75)"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
