@@ -206,9 +206,22 @@ def signed_sqrt(x, eps=1e-6):
 
 
 def context_gate(normed_key, normed_hidden):
-    """alpha_t = sigmoid(signed_sqrt(<k_t, h_t> / sqrt(d))): (B, T, d) x2 -> (B, T) in (0, 1)."""
+    """alpha_t = sigmoid(signed_sqrt(<k_t, h_t> / sqrt(d))): (..., d) x2 -> (...) in (0, 1)."""
     score = (normed_key * normed_hidden).sum(dim=-1) / math.sqrt(normed_key.shape[-1])
     return torch.sigmoid(signed_sqrt(score))
+
+
+class StreamRMSNorm(nn.Module):
+    """RMSNorm of each of n residual streams (mhc.py) over its own dim, each with its own gain:
+    (..., n, dim) -> (..., n, dim). With one stream it is nn.RMSNorm(dim), to the last bit: the norm
+    reads the stream tensor itself (no slicing view in between), and its gain keeps that one's shape."""
+
+    def __init__(self, n_streams: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_streams * dim))  # (n*dim,): stream m's gain is row m
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],)) * self.weight.view(x.shape[-2], -1)
 
 
 # -----------------------------------------------------------------------------
@@ -216,40 +229,46 @@ def context_gate(normed_key, normed_hidden):
 # A causal depthwise conv over time widens each position's view of the gated memory.
 # Dilation = the largest N-gram order, so its taps land on neighbouring N-grams.
 # Zero-initialised, the branch starts at exactly 0: Engram begins as plain gated memory.
+# On n residual streams (mhc.py) each stream has its own RMSNorm, and the conv is depthwise
+# over all n * dim channels, as in DeepSeek's demo (hc_mult = 4).
 
 class ShortConv(nn.Module):
-    def __init__(self, dim, kernel_size, dilation):
+    def __init__(self, dim, kernel_size, dilation, n_streams=1):
         super().__init__()
         self.context = (kernel_size - 1) * dilation  # how many past steps one output sees
-        self.norm = nn.RMSNorm(dim)
-        self.conv = nn.Conv1d(dim, dim, kernel_size, dilation=dilation, groups=dim, bias=False)
+        self.norm = StreamRMSNorm(n_streams, dim)
+        channels = n_streams * dim
+        self.conv = nn.Conv1d(channels, channels, kernel_size, dilation=dilation, groups=channels, bias=False)
 
-    def forward(self, x, cache=None):  # (B, T, dim) -> (B, T, dim)
-        x = self.norm(x)
-        B, _, C = x.shape
+    def forward(self, x, cache=None):  # (B, T, n, dim) -> (B, T, n, dim)
+        B, T, n, C = x.shape
+        x = self.norm(x).flatten(2)  # (B, T, n*dim): the streams side by side, one conv channel each
         if cache is not None and "engram_conv" in cache:
-            past = cache["engram_conv"]  # (B, context, dim): normed inputs of earlier steps
+            past = cache["engram_conv"]  # (B, context, n*dim): normed inputs of earlier steps
         else:
-            past = x.new_zeros(B, self.context, C)  # causal zero padding before the sequence
-        x = torch.cat([past, x], dim=1)  # (B, context + T, dim)
+            past = x.new_zeros(B, self.context, n * C)  # causal zero padding before the sequence
+        x = torch.cat([past, x], dim=1)  # (B, context + T, n*dim)
         if cache is not None:
             cache["engram_conv"] = x[:, x.shape[1] - self.context:].detach()
-        y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, dim), no padding needed
-        return F.silu(y)
+        y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, n*dim), no padding needed
+        return F.silu(y).view(B, T, n, C)
 
 
 # -----------------------------------------------------------------------------
 # The Engram layer: Y = V~ + SiLU(Conv(RMSNorm(V~))), with V~ = alpha * W_V e. The model
 # adds Y to the residual stream before attention: h = h + engram(h, context).
+# On n residual streams (mhc.py), as in DeepSeek's demo: the table, the lookup and W_V are
+# shared; stream m has its own W_K^(m) and RMSNorms, so its own gate alpha_t^(m) (its hidden
+# state is the query), and Y^(m) = alpha^(m) W_V e (+ conv) goes to stream m. n = 1 is §2.
 
 class Engram(nn.Module):
-    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int, n_canonical: int):
+    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int, n_canonical: int, n_streams: int = 1):
         # layer_slot indexes cfg.engram_layers: it picks this layer's table sizes and hash
         # multipliers; n_canonical (TokenizerCompression.n_canonical) bounds the multipliers
         super().__init__()
         head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
         d_mem = len(cfg.ngram_orders) * cfg.engram_dim_per_order  # size of e_t
-        self.cfg, self.use_gate = cfg, cfg.engram_gate
+        self.cfg, self.use_gate, self.n_streams = cfg, cfg.engram_gate, n_streams
         primes = torch.tensor(head_table_sizes(cfg)[layer_slot])  # (H,) one table size per head
         self.register_buffer("multipliers", hash_multipliers(cfg, n_canonical)[layer_slot])  # (max_order,)
         self.register_buffer("head_primes", primes)
@@ -257,11 +276,11 @@ class Engram(nn.Module):
         self.table = nn.Embedding(int(primes.sum()), head_dim, sparse=cfg.engram_sparse)  # every head's rows
         self.value_proj = nn.Linear(d_mem, dim, bias=False)  # W_V
         if self.use_gate:
-            self.key_proj = nn.Linear(d_mem, dim, bias=False)  # W_K
-            self.key_norm = nn.RMSNorm(dim)
-            self.hidden_norm = nn.RMSNorm(dim)
-        self.short_conv = ShortConv(dim, cfg.engram_kernel_size, dilation=max(cfg.ngram_orders))
-        self.last_gate = None  # (B, T) gate of the last forward, detached (for sample.py --show_gates)
+            self.key_proj = nn.Linear(d_mem, n_streams * dim, bias=False)  # every stream's W_K, side by side
+            self.key_norm = StreamRMSNorm(n_streams, dim)
+            self.hidden_norm = StreamRMSNorm(n_streams, dim)
+        self.short_conv = ShortConv(dim, cfg.engram_kernel_size, max(cfg.ngram_orders), n_streams)
+        self.last_gate = None  # (B, T, n) gates of the last forward, detached (for sample.py --show_gates)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -274,17 +293,20 @@ class Engram(nn.Module):
         nn.init.zeros_(self.short_conv.conv.weight)
 
     def forward(self, h, context, cache: dict | None = None):
-        # h (B, T, dim) hidden states, context (B, P+T) canonical ids (TokenizerCompression) -> (B, T, dim)
+        # h (B, T, n, dim) hidden states of the n streams, context (B, P+T) canonical ids
+        # (TokenizerCompression) -> (B, T, n, dim)
         e = kernels.engram_lookup(context, self.multipliers, self.head_primes, self.head_offsets,
                                   self.cfg.ngram_orders, self.cfg.engram_heads_per_order, self.table.weight,
                                   sparse=self.table.sparse)  # (B, T, d_mem)  e_t: every head's row, side by side
-        value = self.value_proj(e)  # (B, T, dim)  v_t = W_V e_t
+        value = self.value_proj(e)[:, :, None]  # (B, T, 1, dim)  v_t = W_V e_t, one for every stream
         if self.use_gate:
-            key = self.key_proj(e)  # (B, T, dim)  k_t = W_K e_t
-            gate = context_gate(self.key_norm(key), self.hidden_norm(h))  # (B, T)  alpha_t
+            keys = self.key_proj(e).unflatten(-1, (self.n_streams, -1))  # (B, T, n, dim)  k_t^(m) = W_K^(m) e_t
+            gate = context_gate(self.key_norm(keys), self.hidden_norm(h))  # (B, T, n)  alpha_t^(m)
             self.last_gate = gate.detach()
-            value = gate[..., None] * value  # (B, T, dim)  v~_t = alpha_t v_t
-        return value + self.short_conv(value, cache)  # (B, T, dim)
+            value = gate[..., None] * value  # (B, T, n, dim)  v~_t^(m) = alpha_t^(m) v_t
+        else:
+            value = value.expand(-1, -1, self.n_streams, -1)  # (B, T, n, dim)  the same memory for each stream
+        return value + self.short_conv(value, cache)  # (B, T, n, dim)
 
     def custom_param_groups(self) -> list[dict]:
         # the tables get their own optimiser group: Adam lr x 5, no weight decay (paper);

@@ -156,8 +156,8 @@ def save_evaluation(out_dir: str, record: dict, state: dict) -> str:
 
 
 def plot_gates(gates: dict, pieces: list, png_path: str):
-    """sample.py --show_gates: Engram's gate over the tokens as a heatmap, one row per Engram block
-    ({block: (T,) gate values}), each cell labelled with its token, in strips of 32 tokens."""
+    """sample.py --show_gates: Engram's gate over the tokens as a heatmap, one row per Engram block or
+    stream ({row label: (T,) gate values}), each cell labelled with its token, in strips of 32 tokens."""
     matrix = torch.stack(list(gates.values())).numpy()  # (n_layers, T)
     per_row = 32  # tokens per strip, so long stories stay legible
     n_rows = (len(pieces) + per_row - 1) // per_row
@@ -173,7 +173,7 @@ def plot_gates(gates: dict, pieces: list, png_path: str):
                         color="black" if values[row, j] > 0.5 else "white")
         ax.set_xticks([])
         ax.set_yticks(range(len(gates)))
-        ax.set_yticklabels([f"block {i}" for i in gates], fontsize=8)
+        ax.set_yticklabels(list(gates), fontsize=8)
     axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory let in, dark = gated out)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)

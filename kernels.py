@@ -219,7 +219,15 @@ def engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngr
     Returns e_t (B, T, H * head_dim), heads concatenated order-major. sparse=True gives the table a
     sparse COO gradient that holds only the looked-up rows."""
     rows = hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order)
-    return F.embedding(rows, table, sparse=sparse).flatten(-2)
+    return (sparse_embedding(rows, table) if sparse else F.embedding(rows, table)).flatten(-2)
+
+
+@torch.compiler.disable
+def sparse_embedding(rows, table):
+    """F.embedding with a sparse gradient, kept out of torch.compile's graphs: Inductor's post-grad passes
+    cannot hold a sparse tensor ("Cannot access storage of SparseTensorImpl", torch 2.13), so under --compile
+    this lookup and its backward run eagerly, between the compiled parts."""
+    return F.embedding(rows, table, sparse=True)
 
 
 @triton.jit

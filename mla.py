@@ -35,9 +35,9 @@ def apply_rope(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + D/2]) by the angle of each position.
 
     x: (B, T, H, D); cos, sin: (T, D/2). The "rotate half" layout (GPT-NeoX);
-    computed in float32 for accuracy, returned in x's dtype.
+    computed in float32 at least for accuracy (float64 stays, for gradcheck), returned in x's dtype.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # (B, T, H, D/2) each
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)

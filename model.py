@@ -10,7 +10,9 @@ embedding and output head), in which three parts are chosen by config:
     memory     Engram hashed n-gram lookup in chosen blocks     (engram.py)
 
 `make_block_parts` is the single place where that choice is made, so train.py
-and sample.py never need to know which parts a model has.
+and sample.py never need to know which parts a model has. The residual stream
+is n streams wide (mhc.py: manifold-constrained hyper-connections), one by
+default: then every hyper-connection is the plain residual x + F(x).
 """
 import math
 from dataclasses import dataclass, field, fields, replace
@@ -20,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram import Engram, EngramConfig, TokenizerCompression
+from mhc import HyperConnection, MHCConfig, StreamCollapse, composite_amax_gain, expand_streams
 from mla import MLA, MLAConfig, apply_rope, rope_cos_sin
 from moe import MoE, MoEConfig, SwiGLU
 
@@ -38,6 +41,7 @@ class GPTConfig:
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)
 
     def __post_init__(self):
         if self.attn not in ("mha", "mla"):
@@ -67,7 +71,7 @@ class GPTConfig:
         def build(config_cls, values):
             names = {f.name for f in fields(config_cls)}
             return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
-        subs = {"mla": MLAConfig, "moe": MoEConfig, "engram": EngramConfig}
+        subs = {"mla": MLAConfig, "moe": MoEConfig, "engram": EngramConfig, "mhc": MHCConfig}
         return build(cls, {k: build(subs[k], v) if k in subs else v for k, v in d.items()})
 
 
@@ -120,25 +124,34 @@ def make_block_parts(cfg: GPTConfig, layer_id: int, n_canonical: int):
         ffn = SwiGLU(cfg.n_embd, cfg.dense_hidden)
     engram = None
     if layer_id in cfg.engram.engram_layers:
-        engram = Engram(cfg.n_embd, cfg.engram, cfg.engram.engram_layers.index(layer_id), n_canonical)
-    return attn, ffn, engram
+        engram = Engram(cfg.n_embd, cfg.engram, cfg.engram.engram_layers.index(layer_id), n_canonical,
+                        cfg.mhc.hc_mult)
+    # the residual connections around attention and the FFN: sublayers 2l and 2l + 1
+    attn_hc, ffn_hc = (HyperConnection(cfg.n_embd, cfg.mhc, 2 * layer_id + k) for k in (0, 1))
+    return attn, ffn, engram, attn_hc, ffn_hc
 
 
 class Block(nn.Module):
-    """Pre-norm block: h += Engram(h) (paper §2.1 placement); h += Attn(norm h); h += FFN(norm h)."""
+    """Pre-norm block on n residual streams x (B, T, n, C) (mhc.py; n = 1 is the plain residual stream):
+        x += Engram(x, context)                      added to every stream (Engram paper §2.1 placement)
+        x  = H_res x + H_post^T Attn(norm(H_pre x))  the attention's hyper-connection
+        x  = H_res x + H_post^T FFN(norm(H_pre x))   the FFN's"""
 
     def __init__(self, cfg: GPTConfig, layer_id: int, n_canonical: int):
         super().__init__()
-        self.attn, self.ffn, self.engram = make_block_parts(cfg, layer_id, n_canonical)
+        self.attn, self.ffn, self.engram, self.attn_hc, self.ffn_hc = make_block_parts(cfg, layer_id, n_canonical)
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
 
     def forward(self, x, context=None, cache=None, start_pos=0):
-        # x (B, T, C); context (B, P+T) canonical ids for Engram (None in a model without it)
+        # x (B, T, n, C); context (B, P+T) canonical ids for Engram (None in a model without it)
         if self.engram is not None:
             x = x + self.engram(x, context, None if cache is None else cache.setdefault("engram", {}))
-        x = x + self.attn(self.attn_norm(x), None if cache is None else cache.setdefault("attn", {}), start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        h, maps = self.attn_hc.read(x)  # (B, T, 1, C)
+        y = self.attn(self.attn_norm(h)[:, :, 0], None if cache is None else cache.setdefault("attn", {}), start_pos)
+        x = self.attn_hc.write(x, y, maps)
+        h, maps = self.ffn_hc.read(x)
+        return self.ffn_hc.write(x, self.ffn(self.ffn_norm(h)[:, :, 0]), maps)
 
 
 class Cache:
@@ -163,6 +176,7 @@ class GPT(nn.Module):
         n_canonical = self.compression.n_canonical if self.compression else cfg.vocab_size
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i, n_canonical) for i in range(cfg.n_layer))
+        self.collapse = StreamCollapse(cfg.mhc.hc_mult)  # n streams -> 1 before the head
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
@@ -190,13 +204,13 @@ class GPT(nn.Module):
         start_pos = 0 if cache is None else cache.pos
         if start_pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size={self.cfg.block_size}")
-        x = self.tok_emb(idx)  # (B, T, C)
+        x = expand_streams(self.tok_emb(idx), self.cfg.mhc.hc_mult)  # (B, T, n, C): n copies of the embedding
         context = None
         if self.compression is not None:  # (B, P+T) what every Engram layer hashes
             context = self.compression(idx, None if cache is None else cache.engram_prefix)
         for i, block in enumerate(self.blocks):
             x = block(x, context, None if cache is None else cache.layers[i], start_pos)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        logits = self.lm_head(self.norm(self.collapse(x)))  # (B, T, vocab)
         if cache is not None:
             cache.pos += T
             if self.compression is not None:
@@ -207,7 +221,8 @@ class GPT(nn.Module):
                 cache.engram_prefix = torch.cat([prev, idx], dim=1)[:, idx.size(1):]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays, for gradcheck
+            loss = F.cross_entropy(wide.flatten(0, 1), targets.flatten())
             loss = loss + self.aux_loss()
         return logits, loss
 
@@ -218,6 +233,13 @@ class GPT(nn.Module):
             if isinstance(m, MoE):
                 total = total + m.aux_loss
         return total
+
+    def hc_amax_gain(self):
+        """The Amax gain of the composite H_res over every hyper-connection, from the last forward (its max
+        and mean over the tokens; mhc.composite_amax_gain); None with one stream."""
+        if self.cfg.mhc.hc_mult == 1:
+            return None
+        return composite_amax_gain([hc.last_res for b in self.blocks for hc in (b.attn_hc, b.ffn_hc)])
 
     def update_router_biases(self):
         """Aux-loss-free balancing step for every MoE layer (call after optimizer.step()).

@@ -97,19 +97,24 @@ SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 def show_gates(model, tok, ids, png_path, out=sys.stdout):
     """Where Engram's gate (paper §2.3: alpha_t in (0, 1), how much memory is let in) opens over ids:
-    a heatmap, one row per gated Engram block, and in the terminal each token followed by its gate
-    value in tenths (⁹ = 0.9 or more)."""
+    in the terminal each token followed by its gate value in tenths (⁹ = 0.9 or more), per gated Engram
+    block, and a heatmap with a row per block. With n residual streams (mhc.py) every stream has its own
+    gate: the terminal shows their mean, the heatmap a row per stream."""
     ids = ids[:model.cfg.block_size]
     with torch.no_grad():
         model(torch.tensor([ids], device=next(model.parameters()).device))
-    gates = {i: b.engram.last_gate[0].float().cpu() for i, b in enumerate(model.blocks)
-             if b.engram is not None and b.engram.use_gate}
-    pieces = [tok.decode([i]) for i in ids]
-    for layer, g in gates.items():
-        out.write(f"--- Engram gate, block {layer} (mean {g.mean():.2f})\n")
-        out.write("".join(p + str(min(9, int(v * 10))).translate(SUPERSCRIPT) for p, v in zip(pieces, g.tolist())))
+    pieces, rows = [tok.decode([i]) for i in ids], {}
+    for layer, block in enumerate(model.blocks):
+        if block.engram is None or not block.engram.use_gate:
+            continue
+        g = block.engram.last_gate[0].float().cpu()  # (T, n)
+        n = g.shape[1]
+        label = f"block {layer}" if n == 1 else f"block {layer}, mean of {n} streams"
+        out.write(f"--- Engram gate, {label} (mean {g.mean():.2f})\n")
+        out.write("".join(p + str(min(9, int(v * 10))).translate(SUPERSCRIPT) for p, v in zip(pieces, g.mean(1).tolist())))
         out.write("\n")
-    harness.plot_gates(gates, pieces, png_path)
+        rows.update({f"block {layer}" if n == 1 else f"block {layer} stream {m}": g[:, m] for m in range(n)})
+    harness.plot_gates(rows, pieces, png_path)
     out.write(f"gate heatmap written to {png_path}\n")
 
 

@@ -211,7 +211,7 @@ def make_layer(gate=True, conv_std=0.0, seed=0):
 
 def inputs(B=2, T=24, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (B, T), generator=gen), torch.randn(B, T, DIM, generator=gen)
+    return torch.randint(0, V, (B, T), generator=gen), torch.randn(B, T, 1, DIM, generator=gen)  # one stream
 
 
 def test_gate_in_open_unit_interval_and_grads_finite():
@@ -220,7 +220,7 @@ def test_gate_in_open_unit_interval_and_grads_finite():
     h.requires_grad_()
     y = layer(h, hasher(ids))
     gate = layer.last_gate
-    assert gate.shape == ids.shape and not gate.requires_grad
+    assert gate.shape == (*ids.shape, 1) and not gate.requires_grad
     assert (gate > 0).all() and (gate < 1).all()
     y.square().mean().backward()
     # context-aware: the same memory with another hidden state gets another gate
@@ -243,11 +243,11 @@ def test_zero_conv_adds_nothing_at_init():
     assert (layer.short_conv.conv.weight == 0).all()
     y = layer(h, context)
     e = layer.table(rows).flatten(-2)
-    assert torch.equal(y, layer.last_gate[..., None] * layer.value_proj(e))
+    assert torch.equal(y, layer.last_gate[..., None] * layer.value_proj(e)[:, :, None])
     # gate off: plain additive memory W_V e
     hasher, layer = make_layer(gate=False)
     y = layer(h, context)
-    assert torch.equal(y, layer.value_proj(layer.table(rows).flatten(-2))) and layer.last_gate is None
+    assert torch.equal(y, layer.value_proj(layer.table(rows).flatten(-2))[:, :, None]) and layer.last_gate is None
 
 
 @pytest.mark.parametrize("gate", [True, False])
@@ -297,3 +297,43 @@ def test_custom_param_groups_and_table_count():
     assert group["lr_mult"] == 5.0 and group["weight_decay"] == 0.0 and group["sparse"] == cfg.engram_sparse
     head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
     assert layer.n_table_params() == sum(head_table_sizes(cfg)[1]) * head_dim
+
+
+# ----------------------------------------------------------------------------- the gate and the conv, by hand
+
+def test_context_gate_matches_the_formula():
+    """alpha = sigmoid(signed_sqrt(<k, h> / sqrt(d))) on values worked out by hand."""
+    from engram import context_gate, signed_sqrt
+    assert torch.equal(signed_sqrt(torch.tensor([-9.0, -0.25, 0.0, 4.0])), torch.tensor([-3.0, -0.5, 0.0, 2.0]))
+    x = torch.tensor([0.0, 1e-12], requires_grad=True)
+    signed_sqrt(x).sum().backward()
+    assert torch.isfinite(x.grad).all()  # |x| clamped at eps: no infinite slope at 0
+    k = torch.ones(2, 3, 4)  # d = 4, so <k, h> / sqrt(d) = 4 * h / 2: scores 4, -4, 0
+    h = torch.tensor([2.0, -2.0, 0.0])[None, :, None].expand(2, 3, 4)
+    gate = context_gate(k, h)
+    assert gate.shape == (2, 3)
+    torch.testing.assert_close(gate, torch.sigmoid(torch.tensor([2.0, -2.0, 0.0])).expand(2, 3))
+
+
+def test_short_conv_is_a_causal_dilated_depthwise_conv():
+    """y_t = SiLU(sum_k w_k RMSNorm(x)_{t - (K-1-k) d}) channel by channel, zeros before the start (a loop
+    over the taps); fed in pieces through a cache, the same outputs."""
+    from engram import ShortConv
+    torch.manual_seed(0)
+    B, T, n, dim, K, d = 2, 11, 2, 6, 3, 2
+    conv = ShortConv(dim, K, d, n_streams=n)
+    with torch.no_grad():
+        conv.conv.weight.normal_()
+        conv.norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(B, T, n, dim)
+        normed, w = conv.norm(x).flatten(2), conv.conv.weight[:, 0]  # (B, T, n*dim), (n*dim, K)
+        expected = torch.zeros(B, T, n * dim)
+        for t in range(T):
+            for k in range(K):
+                if t - (K - 1 - k) * d >= 0:
+                    expected[:, t] += w[:, k] * normed[:, t - (K - 1 - k) * d]
+        expected = torch.nn.functional.silu(expected).view(B, T, n, dim)
+        torch.testing.assert_close(conv(x), expected)
+        cache = {}
+        pieces = [conv(x[:, a:b], cache) for a, b in ((0, 4), (4, 5), (5, 6), (6, T))]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), expected)

@@ -170,3 +170,22 @@ def test_bad_config_is_rejected():
         MLAConfig(qk_rope_head_dim=7)
     with pytest.raises(ValueError, match="ngram_orders"):
         EngramConfig(ngram_orders=())
+
+
+def test_sparse_tables_go_to_lazy_adam():
+    """With engram_sparse the tables get a second optimizer, SparseAdam (lazy Adam): lr x 5, and a step moves
+    only the rows whose gradient it holds. AdamW has every other parameter, each exactly once."""
+    model = make_model(tiny_config("mla", "moe", True, engram_sparse=True))
+    adamw, lazy = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))
+    assert type(adamw) is torch.optim.AdamW and type(lazy) is torch.optim.SparseAdam
+    table = model.blocks[1].engram.table.weight
+    assert [p for g in lazy.param_groups for p in g["params"]] == [table]
+    assert lazy.param_groups[0]["lr"] == pytest.approx(5e-3) and lazy.param_groups[0]["lr_mult"] == 5.0
+    assert lazy.defaults["betas"] == adamw.defaults["betas"] == (0.9, 0.95)
+    dense = [id(p) for g in adamw.param_groups for p in g["params"]]
+    assert len(dense) == len(set(dense)) and set(dense) == {id(p) for p in model.parameters()} - {id(table)}
+    before = table.detach().clone()
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[3, 50, 3]]), torch.randn(3, table.shape[1]), table.shape,
+                                         check_invariants=True)
+    lazy.step()
+    assert (table.detach() != before).any(dim=1).nonzero().flatten().tolist() == [3, 50]

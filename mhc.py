@@ -1,0 +1,184 @@
+"""mHC: manifold-constrained hyper-connections (DeepSeek, arXiv 2512.24880), the residual design DeepSeek
+pairs with Engram, built on Hyper-Connections (ByteDance, arXiv 2409.19606).
+
+A pre-norm transformer keeps one residual stream per token, x in R^C, and every sublayer F (attention,
+FFN, each with its own pre-norm) adds to it: x <- x + F(x). Hyper-connections widen the stream to n
+copies, x in R^{n x C}, and give each sublayer three small maps:
+
+    x <- H_res x + H_post^T F(H_pre x)        H_pre (1 x n): how much of each stream F reads
+                                              H_post (1 x n): how much of F's output each stream gets
+                                              H_res (n x n): how the streams mix among themselves
+
+In words, per token: F reads one weighted sum of the n streams, its output is written back into every
+stream with that stream's weight, and the streams trade contents through H_res. With n = 1 and all maps 1
+this is the plain residual. The streams start as n copies of the token embedding (expand_streams) and are
+summed back into one, with learned weights, before the final norm and the head (StreamCollapse).
+
+Unconstrained, H_res compounds over depth: the composite map H_res^(L) ... H_res^(1) can amplify the signal
+(DeepSeek report an "Amax gain", its largest row or column sum, near 3000 in a 27B model, with loss
+spikes). mHC computes the maps from the streams and keeps H_res doubly stochastic (non-negative, every row
+and column summing to 1). Products of doubly stochastic matrices are doubly stochastic, so however deep
+the model, the composite map neither amplifies (Amax gain <= 1) nor loses the streams' mean:
+
+    x~     = RMSNorm(vec(x))                       (n*C,)  all streams of the token, flattened
+    h      = x~ phi                                (n + n + n*n,)  one linear map for all three
+    H_pre  = sigmoid(a_pre  h_pre  + b_pre)        non-negative weights
+    H_post = 2 sigmoid(a_post h_post + b_post)      in (0, 2); 1 at b = 0, the plain residual's write
+    H_res  = SinkhornKnopp(a_res mat(h_res) + b_res)
+
+a_* are learned scalars (0.01 at init, so each map starts near its static part b_*), b_* learned biases.
+The Sinkhorn start here is exp (the paper's); DeepSeek-V4's code starts from a sigmoid (+ eps) instead.
+Sinkhorn iterations 0 (--hc_sinkhorn_iters=0) drop the constraint: H_res = a_res mat(h_res) + b_res, as in
+Hyper-Connections, the control that shows what the constraint prevents (composite_amax_gain).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique across configs
+    hc_mult: int = 1                  # n residual streams; 1 = off (the plain residual stream)
+    hc_sinkhorn_iters: int = 20       # Sinkhorn-Knopp iterations that make H_res doubly stochastic; 0 = unconstrained HC
+    hc_eps: float = 1e-6              # keeps Sinkhorn's row and column sums away from 0
+    hc_init_scale: float = 0.01       # a_pre, a_post, a_res at init: the input-dependent part starts small
+    hc_dynamic: bool = True           # maps computed from the streams (mHC); false = static per-sublayer maps
+
+    def __post_init__(self):
+        if self.hc_mult < 1 or self.hc_sinkhorn_iters < 0:
+            raise ValueError(f"--hc_mult={self.hc_mult} must be >= 1 and --hc_sinkhorn_iters="
+                             f"{self.hc_sinkhorn_iters} >= 0")
+        if not self.hc_eps > 0 or not self.hc_init_scale >= 0:
+            raise ValueError(f"--hc_eps={self.hc_eps} must be > 0 and --hc_init_scale={self.hc_init_scale} >= 0")
+
+
+# -----------------------------------------------------------------------------
+# The Sinkhorn-Knopp projection and the Amax gain
+
+def sinkhorn(logits, iters: int, eps: float = 1e-6):
+    """(..., n, n) logits -> (..., n, n) approximately doubly stochastic: exp, then alternately divide each
+    column and each row by its sum. Each pass brings the sums closer to 1 (Sinkhorn-Knopp converges for any
+    positive matrix); the last pass is over rows, so rows sum to 1 to rounding, columns to within the
+    remaining error. The max is taken out first so that exp cannot overflow (it cancels in the ratios)."""
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)  # columns
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)  # rows
+    return m
+
+
+def amax_gain(h):
+    """(..., n, n) -> (...): the largest absolute row sum (forward gain) or column sum (backward gain)."""
+    a = h.abs()
+    return torch.maximum(a.sum(dim=-1).amax(dim=-1), a.sum(dim=-2).amax(dim=-1))
+
+
+def composite_amax_gain(res_maps) -> dict:
+    """The Amax gain of H_res^(L) ... H_res^(1), the map from the embedding's streams to the last block's,
+    per token, over a list of (B, T, n, n) maps in forward order; its max and mean over the tokens."""
+    total = None
+    for h in res_maps:
+        h = h.double()
+        total = h if total is None else h @ total  # later maps act after earlier ones
+    gain = amax_gain(total)  # (B, T)
+    return {"max": float(gain.max()), "mean": float(gain.mean())}
+
+
+# -----------------------------------------------------------------------------
+# The streams: expanded at the embedding, collapsed before the head
+
+def expand_streams(x, n: int):
+    """(B, T, C) -> (B, T, n, C): n copies of the token embedding (a view; the first write makes them real)."""
+    return x.unsqueeze(2).expand(-1, -1, n, -1)
+
+
+class StreamCollapse(nn.Module):
+    """(B, T, n, C) -> (B, T, C): a learned weighted sum of the streams, the mean at init; with one stream,
+    that stream (no parameters)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((n,), 1.0 / n)) if n > 1 else None
+
+    def forward(self, x):
+        if self.weight is None:
+            return x[:, :, 0]
+        return (self.weight[:, None] * x).sum(dim=2)
+
+
+# -----------------------------------------------------------------------------
+# One hyper-connection: the read, write-back and mix around one sublayer
+
+def wide(t):
+    """t in float32 at least (bf16 and fp16 widened, float64 kept for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+RES_OFF_DIAGONAL = -4.0  # mHC's b_res off the diagonal: exp(-4) = 0.018, so SK(b_res) starts near the identity
+
+
+class HyperConnection(nn.Module):
+    """The maps around one sublayer: read(x) gives the sublayer's input, write(x, y, maps) the new streams.
+
+    Initialisation breaks the streams' symmetry as the sources do: phi is random (DeepSeek-V4), so the maps
+    differ a little per stream from the first step, and the static read prefers stream (sublayer mod n)
+    (Hyper-Connections read stream k mod n in layer k). H_post starts at 1 and H_res near the identity, so
+    each stream starts as the plain residual stream. With one stream all maps are 1 and there is nothing
+    to learn: read and write are the plain residual, exactly."""
+
+    def __init__(self, dim: int, cfg: MHCConfig, sublayer: int):
+        super().__init__()
+        n = self.n = cfg.hc_mult
+        self.cfg = cfg
+        self.last_res = None  # (B, T, n, n) H_res of the last forward, detached (for composite_amax_gain)
+        if n == 1:
+            return
+        if cfg.hc_dynamic:
+            self.phi = nn.Linear(n * dim, 2 * n + n * n, bias=False)  # GPT.init_weights draws it N(0, 0.02)
+        self.scale = nn.Parameter(torch.full((3,), cfg.hc_init_scale))  # a_pre, a_post, a_res
+        pre = torch.full((n,), -1.0)
+        pre[sublayer % n] = 1.0  # sigmoid: 0.73 for that stream, 0.27 for the others
+        post = torch.zeros(n)  # 2 sigmoid(0) = 1
+        eye = torch.eye(n)
+        res = eye if cfg.hc_sinkhorn_iters == 0 else RES_OFF_DIAGONAL * (1 - eye)  # unconstrained: H_res = I
+        self.bias = nn.Parameter(torch.cat([pre, post, res.flatten()]))  # b_pre, b_post, b_res
+
+    def maps(self, x):
+        """x (B, T, n, C) -> H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n), in float32 whatever
+        the autocast: they are few numbers, and rounding them to bf16 would break the row and column sums."""
+        n = self.n
+        with torch.autocast(x.device.type, enabled=False):
+            if self.cfg.hc_dynamic:
+                flat = F.rms_norm(wide(x.flatten(2)), (x.shape[2] * x.shape[3],))  # (B, T, n*C) x~
+                h = F.linear(flat, wide(self.phi.weight))  # (B, T, 2n + n^2)
+            else:
+                h = wide(x.new_zeros(*x.shape[:2], 2 * n + n * n))
+            a_pre, a_post, a_res = self.scale
+            b = self.bias
+            h_pre = torch.sigmoid(a_pre * h[..., :n] + b[:n])  # (B, T, n)
+            h_post = 2 * torch.sigmoid(a_post * h[..., n:2 * n] + b[n:2 * n])  # (B, T, n)
+            res = a_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b[2 * n:].view(n, n)  # (B, T, n, n)
+            if self.cfg.hc_sinkhorn_iters:
+                res = sinkhorn(res, self.cfg.hc_sinkhorn_iters, self.cfg.hc_eps)
+        self.last_res = res.detach()
+        return h_pre, h_post, res
+
+    def read(self, x):
+        """x (B, T, n, C) -> (the sublayer's input H_pre x as (B, T, 1, C), the maps for write). With one
+        stream it is x itself: the sublayer's pre-norm reads the residual tensor as a plain block does, so
+        that even the order in which backward sums its gradients is the plain block's."""
+        if self.n == 1:
+            return x, None
+        h_pre, h_post, h_res = self.maps(x)
+        return (h_pre[..., None] * wide(x)).sum(dim=2, keepdim=True).to(x.dtype), (h_post, h_res)
+
+    def write(self, x, y, maps):
+        """x (B, T, n, C) streams, y (B, T, C) the sublayer's output -> H_res x + H_post^T y, (B, T, n, C)."""
+        if self.n == 1:
+            return x + y[:, :, None]
+        h_post, h_res = maps
+        with torch.autocast(x.device.type, enabled=False):
+            mixed = torch.matmul(h_res, wide(x))  # (B, T, n, n) @ (B, T, n, C): stream i gets sum_j H_ij x_j
+            return (mixed + h_post[..., None] * wide(y)[:, :, None]).to(x.dtype)
