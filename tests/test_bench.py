@@ -1,20 +1,13 @@
 """bench.py runs on a CPU and prints one JSON object per line (its numbers are not asserted:
 speed is claimed in bench output, not in tests)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import run
 
 
 def run_bench(*args, interpret=False):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
+    proc = run("bench.py", *args, env_extra={"TRITON_INTERPRET": "1"} if interpret else None, timeout=600,
+               unset=("TRITON_INTERPRET",))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
 

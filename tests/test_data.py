@@ -2,10 +2,8 @@
 import dataclasses
 import json
 import multiprocessing.pool
-import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +22,7 @@ from data import (DataConfig, DataError, Tokenizer, get_batch, load_meta, load_o
                   load_tokens, prepare, val_starts)
 
 SHARED = REPO.parent / "shared"
+from scripts import run  # noqa: E402
 from stories import EOT, make_stories, write_stories  # noqa: E402
 VAL_ONLY = "A quokka named Zyxwv ate durian on Kilimanjaro."   # words the train stories never use
 
@@ -176,8 +175,7 @@ def test_bad_sources_raise_data_error_naming_the_path(tmp_path, stories):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(REPO / "data.py"), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
+    return run("data.py", *args, env_extra=env, timeout=60)
 
 
 def assert_one_line_error(stderr):

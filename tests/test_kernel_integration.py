@@ -2,10 +2,6 @@
 and train.py / sample.py end to end. Without a GPU the kernels run in Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py), so the shapes stay tiny."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +16,8 @@ if not (torch.cuda.is_available() or kernels.INTERPRET):
 from test_model import VOCAB, make_model, tiny_config  # noqa: E402
 
 from model import Cache  # noqa: E402
+from scripts import run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -85,22 +81,16 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
         "--device=" + DEVICE, "--preset=cpu", "--max_iters=3", "--eval_interval=3", "--warmup_iters=1"]
 
 
-def run(script, *args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-
-
 def test_train_and_sample_agree_across_kernel_modes(prepared, tmp_path):
     data = [f"--data_dir={prepared['data_dir']}", f"--source={prepared['source']}"]
     logs, samples = {}, {}
     for mode in ("torch", "triton"):
         out = tmp_path / mode
-        proc = run("train.py", *TINY, *data, f"--out_dir={out}", f"--kernels={mode}")
+        proc = run("train.py", *TINY, *data, f"--out_dir={out}", f"--kernels={mode}", timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs[mode] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         proc = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--temperature=0",
-                   f"--kernels={mode}", "--stop_at_eot=false")
+                   f"--kernels={mode}", "--stop_at_eot=false", timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         samples[mode] = proc.stdout
     assert len(logs["torch"]) == len(logs["triton"])

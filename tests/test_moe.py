@@ -282,3 +282,35 @@ def test_n_inactive_params():
     moe = make_moe(n_routed_experts=8, n_activated_experts=2, moe_inter_dim=8)
     routed = moe.w1.numel() + moe.w2.numel() + moe.w3.numel()
     assert moe.n_inactive_params() == routed * 6 // 8 == 6 * 3 * 8 * DIM
+
+
+def test_dispatch_to_experts_matches_a_loop_over_tokens():
+    """Given each token's experts and weights: sum_j w_j FFN_{e_j}(x_t) for every token, the weights'
+    gradient (the router learns through it), and each expert's count of (token, choice) pairs."""
+    from moe import dispatch_to_experts
+    moe = make_moe()
+    x = torch.randn(7, DIM)
+    expert_ids = torch.tensor([[3, 0], [3, 5], [0, 3], [5, 3], [3, 0], [7, 5], [0, 7]])  # 1, 2, 4, 6 idle
+    weights = torch.rand(7, 2, requires_grad=True)
+    y, counts = dispatch_to_experts(x, expert_ids, weights, moe.w1, moe.w3, moe.w2)
+    y.sum().backward()
+    with torch.no_grad():
+        outs = [[expert_ffn(moe, int(e), x[t]) for e in expert_ids[t]] for t in range(7)]  # FFN_{e_j}(x_t)
+        expected = torch.stack([weights[t, 0] * outs[t][0] + weights[t, 1] * outs[t][1] for t in range(7)])
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(weights.grad, torch.tensor([[o.sum() for o in row] for row in outs]),
+                                   atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [4, 0, 0, 5, 0, 3, 0, 2]
+
+
+def test_update_bias_moves_each_expert_against_its_load():
+    """b_i += gamma * sign(mean - load_i) from the counted load (an expert at the mean keeps its bias), the
+    load statistics, and the counts reset; with nothing counted, no step and no statistics."""
+    moe = make_moe(bias_update_speed=0.1)
+    moe.expert_load.copy_(torch.tensor([6.0, 3.0, 2.0, 1.0, 0.0, 4.0, 4.0, 4.0]))  # 24 tokens, mean 3
+    stats = moe.update_bias()
+    torch.testing.assert_close(moe.expert_bias, 0.1 * torch.tensor([-1.0, 0.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0]))
+    assert stats == pytest.approx({"max_over_mean": 2.0, "min_over_mean": 0.0, "cv": (26 / 8) ** 0.5 / 3})
+    assert moe.expert_load.sum() == 0
+    bias = moe.expert_bias.clone()
+    assert moe.update_bias() == {} and torch.equal(moe.expert_bias, bias)

@@ -3,10 +3,6 @@ it: V100 sm70, T4 sm75, A100 sm80, H100 sm90, an Apple GPU), Engram's dense fall
 autocast with loss scaling on the CPU (sparse tables, clipping, both optimizers, exact resume, a skipped
 overflow step), and checkpoints that move between machines."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +10,9 @@ import torch
 import cli
 import kernels
 import train
+from scripts import run
 from test_train import TINY, data_flags, read_log
 
-ROOT = Path(__file__).resolve().parents[1]
 
 GPUS = {"sm70": ("Tesla V100-SXM2-16GB", (7, 0)), "sm75": ("Tesla T4", (7, 5)),
         "sm80": ("NVIDIA A100-SXM4-40GB", (8, 0)), "sm90": ("NVIDIA H100 80GB HBM3", (9, 0))}
@@ -43,12 +39,6 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(kernels, "HAVE_TRITON", True)
         monkeypatch.setattr(kernels, "INTERPRET", False)
     return install
-
-
-def run(script, *args, env_extra=None, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- precision by hardware
@@ -140,20 +130,21 @@ def fake_mps(monkeypatch):
 
 def test_mps_is_chosen_after_cuda_and_gets_the_cpu_preset(fake_mps):
     assert cli.resolve_device("auto") == "mps"
-    cfg = train.build_config([])
+    cfg = train.build_config(["--engram_rows_per_head=65536"])  # a fixed table: no data to size it by
     assert cfg.device == "mps" and cfg.preset == "cpu" and not cfg.compile
     assert cli.resolve_dtype(cfg.dtype, cli.describe_device(cfg.device)) == "float32"
 
 
 def test_mps_trains_the_tables_densely_and_says_what_it_costs(fake_mps):
-    cfg = train.build_config(["--device=mps"])
+    rows = "--engram_rows_per_head=65536"  # the preset's table on a large split; no data to size it by
+    cfg = train.build_config(["--device=mps", rows])
     assert cfg.model.engram.engram_sparse is False and cfg.model.engram.engram_layers == (1,)
     note = train.dense_table_note(cfg)
     assert note.startswith("note: MPS has no sparse tensors") and "8.4M parameters" in note and "MB gradient" in note
     optimizers = train.GPT(cfg.model).configure_optimizers(1e-3, 0.1, (0.9, 0.95), "mps")
     assert [type(o).__name__ for o in optimizers] == ["AdamW"]  # no SparseAdam: no sparse gradient anywhere
     # nothing changes where sparse tensors exist, and a model without tables needs no note
-    assert train.build_config(["--device=cpu"]).model.engram.engram_sparse is True
+    assert train.build_config(["--device=cpu", rows]).model.engram.engram_sparse is True
     assert train.dense_table_note(train.build_config(["--device=mps", "--engram=off"])) == ""
 
 
