@@ -3,6 +3,7 @@
     python bench.py                    # KV-cache bytes (MLA vs MHA), training tokens/s (MHA+dense vs MLA+MoE)
     python bench.py --kernels          # Triton kernels against their PyTorch references (needs a GPU for Triton)
     python bench.py --engram_scaling   # step time against Engram table size, dense vs sparse table training
+    python bench.py --mhc              # mHC's step-time overhead (4 residual streams vs 1), eager and compiled
 
 Speed comparisons are measured side by side in one process, alternating the
 contenders step by step, so that load from elsewhere on the machine hits both alike.
@@ -21,13 +22,14 @@ import kernels
 from engram import EngramConfig, TokenizerCompression, hash_multipliers, head_table_sizes, table_params
 from mla import MLAConfig
 from model import GPT, Cache, GPTConfig, dense_ffn_hidden
-from train import build_config, clip_grad_norm
+from train import ROWS, build_config, clip_grad_norm
 
 
 @dataclass
 class BenchConfig:
     kernels: bool = False             # benchmark the Triton kernels against their PyTorch references
     engram_scaling: bool = False      # step time against Engram table size: dense vs sparse table training
+    mhc: bool = False                 # step time with 4 residual streams (mhc.py) against 1, eager and torch.compile
     steps: int = 0                    # timed steps per model; 0 = 20 (with --engram_scaling: 8 per path and size)
 
     def __post_init__(self):
@@ -42,7 +44,8 @@ def emit(**record):
 def preset_model(preset, **overrides):
     """The model config of a train.py preset; Engram off unless engram="on" is passed (most benches
     here are about the backbone)."""
-    overrides = {"engram": "off", **overrides}
+    # the preset's table for a full train split, so that no data is read to size it (train.rows_for_split)
+    overrides = {"engram": "off", "engram_rows_per_head": ROWS, **overrides}
     flags = [f"--preset={preset}", "--device=cpu"] + [f"--{k}={v}" for k, v in overrides.items()]
     cfg = build_config(flags).model
     cfg.vocab_size = 7000  # about the compact TinyStories vocabulary
@@ -146,6 +149,28 @@ def bench_engram_scaling(steps=8, batch_size=16, device="cpu"):
                  batch=batch_size, block=base.block_size, step_ms=round(1000 * statistics.median(times[path]), 1))
         del models, times
         gc.collect()
+
+
+def bench_mhc(steps=10, batch_size=16, device="cpu"):
+    """mHC's price: step time of the CPU preset model (MLA + MoE + Engram) on 4 residual streams against 1,
+    eager and under torch.compile, the four taking turns step by step in one process. Compilation happens
+    in the untimed warmup steps."""
+    contenders = {}
+    for compiled in (False, True):
+        for n in (1, 4):
+            torch.manual_seed(0)
+            model = GPT(preset_model("cpu", engram="on", hc_mult=n)).to(device)
+            contenders[f"hc_mult={n} {'compiled' if compiled else 'eager'}"] = torch.compile(model) if compiled else model
+    cfg = contenders["hc_mult=1 eager"].cfg
+    times = interleaved_step_times(contenders, steps, batch_size, cfg.block_size, cfg.vocab_size, device)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    for name, model in contenders.items():
+        n, mode = name.split()
+        counts = model.param_counts()
+        emit(bench="mhc_step_time", hc_mult=int(n.split("=")[1]), mode=mode, device=device, batch=batch_size,
+             block=cfg.block_size, params_total=counts["total"], params_active=counts["active"],
+             step_ms_median=round(1000 * medians[name], 1), tok_per_s=round(batch_size * cfg.block_size / medians[name]),
+             vs_one_stream=round(medians[name] / medians[f"hc_mult=1 {mode}"], 3))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -320,6 +345,8 @@ def main(argv=None):
         bench_kernels()
     elif cfg.engram_scaling:
         bench_engram_scaling(steps=cfg.steps or 8, device=device)
+    elif cfg.mhc:
+        bench_mhc(steps=cfg.steps or 10, device=device)
     else:
         bench_kv_cache()
         bench_train_speed(steps=cfg.steps or 20, device=device)

@@ -1,5 +1,6 @@
 """The Engram experiment: does conditional memory lower the TinyStories loss, and under which budget?
 
+    python compare.py --quick                       # moe vs moe+engram x 2 seeds: the claim in ~10 min on 2 cores
     python compare.py --preset=cpu                  # arms moe, moe+engram, iso-params, dense x 3 seeds (~1 h, 2 cores)
     python compare.py --preset=gpu                  # every arm and the allocation sweep (one GPU)
     python compare.py --arms=moe,moe+engram --seeds=1 --max_iters=50
@@ -13,6 +14,7 @@ seeds, evaluation windows and schedule are shared (seed k of every arm trains wi
                       moe (the paper's Table 1 protocol, Engram-27B against MoE-27B)
   dense               one dense SwiGLU FFN with moe's active parameters: the floor
   engram-nogate, engram-2gram, engram-nocompress, engram-layer<k>: ablations of moe+engram
+  moe+mhc, moe+engram+mhc  moe and moe+engram on 4 residual streams (mhc.py, --hc_mult=4)
 
 Each arm is compared with moe twice, paired by seed: at equal steps (final loss) and at equal wall
 time (both loss-vs-seconds curves interpolated at the end time of the shorter run), since small-scale
@@ -75,6 +77,9 @@ PRESETS = {
     "gpu": dict(max_iters=400, eval_interval=50, eval_iters=20, batch_size=64, block_size=512, warmup_iters=40,
                 engram_dim_per_order=128),
 }
+# --quick: the claim in about 10 minutes on 2 CPU cores (README quickstart): 4 runs of the cpu preset at
+# half its steps (0.4M tokens). Its flags are defaults: any of them given on the command line wins.
+QUICK = dict(preset="cpu", arms="moe,moe+engram", seeds="2", max_iters="200", out_dir="out-quick")
 DEFAULT_ARMS = {
     "cpu": "moe,moe+engram,iso-params,dense",
     "gpu": "moe,moe+engram,iso-params,dense,engram-nogate,engram-2gram,engram-nocompress,engram-layer4",
@@ -86,7 +91,10 @@ MEMORY_SWEEP = dict(max_iters=800, eval_interval=200, warmup_iters=40)
 MEMORY_VARIANTS = {"engram": {}, "additive-2gram": {"engram_gate": "false", "ngram_orders": "2"}}
 ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_orders": "2"},
              "engram-nocompress": {"engram_compress": "false"}}
-ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, "engram-layer<k>"]
+# mHC (mhc.py): the same models on 4 residual streams, DeepSeek's hc_mult
+MHC_ARMS = {"moe+mhc": {"engram": "off", "hc_mult": "4"}, "moe+engram+mhc": {"hc_mult": "4"}}
+MHC_PAIRS = {"moe+mhc": "moe", "moe+engram+mhc": "moe+engram"}  # each against itself on one stream
+ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, *MHC_ARMS, "engram-layer<k>"]
 TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
 # flags that define the model (not how it is computed): a resumed run takes them from its checkpoint
 MODEL_FLAGS = set(cli.flat_fields(GPTConfig())) | {"engram", "preset"}
@@ -110,6 +118,7 @@ class CompareConfig:
     memory_log2_rows: str = "10,12,14,16,18,20"  # memory sweep: log2(rows per head) of the gated Engram sizes
     memory_ungated: str = "10,16,20"  # memory sweep: sizes that also run additive 2-gram memory and get memory_seeds
     memory_seeds: int = 2             # memory sweep: seeds of moe and of gated Engram at the memory_ungated sizes
+    quick: bool = False               # the 10-minute demonstration: moe and moe+engram, 2 seeds, the cpu preset
 
     def __post_init__(self):
         if self.preset not in ("", *PRESETS):
@@ -143,6 +152,8 @@ def parse_args(argv):
     flags = cli.parse_flags(argv, {**cli.flat_fields(train.TrainConfig()), "engram": str, **own})
     if "resume" in flags:
         raise ConfigError("--resume: compare.py resumes unfinished runs by itself; just rerun it")
+    if cli.parse_value("quick", flags.get("quick", "false"), bool):
+        flags = {**QUICK, **flags}  # its defaults, under whatever the command line gives
     cfg = cli.apply(CompareConfig(), {k: v for k, v in flags.items() if k in own})
     preset = cfg.preset or ("gpu" if cli.resolve_device(cfg.device).startswith("cuda") else "cpu")
     # the gpu preset runs the allocation sweep unless told not to
@@ -266,6 +277,8 @@ def arm_flags(arm, base, vocab_size, moe_counts, cfg):
         return dense_flags(base, vocab_size, moe_counts)
     elif arm in ABLATIONS:
         flags.update(ABLATIONS[arm])
+    elif arm in MHC_ARMS:
+        flags.update(MHC_ARMS[arm])
     elif arm.startswith("engram-layer"):
         flags["engram_layers"] = arm[len("engram-layer"):]
     return flags, count_params(flags, vocab_size)
@@ -431,7 +444,8 @@ def summarize_group(g, cfg, vocab_size):
         curve = {key: [r[key] for r in log] for key in ("iter", "tokens", "elapsed_s", "val_loss")}
         seeds[str(cfg.seed + k)] = {"dir": run_dir, "final_val_loss": log[-1]["val_loss"], "tokens": log[-1]["tokens"],
                                     "tok_per_s": float(np.mean([r["tok_per_s"] for r in log if r["iter"] > 0])),
-                                    "wall_s": log[-1]["elapsed_s"], "curve": curve}
+                                    "wall_s": log[-1]["elapsed_s"], "curve": curve,
+                                    "hc_amax_gain": log[-1].get("hc_amax_gain")}
     out = {"dir": g.dir, "flags": g.flags, "params": g.params, **g.extra, "seeds": seeds}
     if seeds:
         out["final_val_loss"] = dict(zip(("mean", "std"), mean_std([s["final_val_loss"] for s in seeds.values()])))
@@ -501,6 +515,13 @@ def write_markdown(results, path):
         lines += ["", f"moe+engram is {'' if verdict['passed'] else 'NOT '}below moe at equal steps by more than twice "
                       f"the larger seed std: moe − moe+engram = {verdict['moe_minus_engram']:+.4f}, "
                       f"2 × max std = {verdict['two_max_std']:.4f} ({verdict['n_seeds']} seed(s))."]
+    for name, a in results["arms"].items():
+        if (vs := a.get("vs_one_stream")) and "equal_steps" in vs:
+            gains = [s["hc_amax_gain"]["max"] for s in a["seeds"].values() if s.get("hc_amax_gain")]
+            lines += ["", f"{name} − {vs['arm']} (4 residual streams against 1, paired by seed): "
+                          f"{fmt_stat(vs['equal_steps'])} at equal steps, {fmt_stat(vs['equal_time'])} at equal "
+                          f"wall time" + (f"; composite H_res Amax gain at the end {max(gains):.4f} (max over "
+                                          "tokens and seeds)" if gains else "") + "."]
     if results["sweep"]:
         lines += ["", "Allocation sweep (total and active params held at moe's):", "",
                   "| share to Engram | routed experts | table / sparse budget | total params | active params "
@@ -685,6 +706,9 @@ def report(cfg, argv, arms, sweep, memory, meta, base):
         for name, a in arm_results.items():
             if name != "moe":
                 a["vs_moe"] = versus_moe(a, arm_results["moe"])
+    for name, without in MHC_PAIRS.items():  # mHC's own effect: each mHC arm against the same arm without it
+        if name in arm_results and without in arm_results:
+            arm_results[name]["vs_one_stream"] = {"arm": without, **(versus_moe(arm_results[name], arm_results[without]) or {})}
     finals = [s["tokens"] for a in arm_results.values() for s in a["seeds"].values()]
     results = {"command": " ".join(["python compare.py", *map(shlex.quote, argv)]),
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(cfg), "preset": cfg.preset,

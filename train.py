@@ -78,11 +78,11 @@ class TrainConfig:
 PRESETS = {
     # About 6 minutes on 2 CPU cores: ~0.8M tokens, 1.6 epochs of the 0.5M-token excerpt in ../shared
     # (past ~2 epochs the validation loss turns up). Short runs need the router bias to adapt faster than
-    # DeepSeek-V3's 1e-3 per step, hence bias_update_speed. 2^16 rows per head: the largest Engram table
-    # whose step stayed within 1.1x of the smallest's in compare.py --memory_sweep (README).
+    # DeepSeek-V3's 1e-3 per step, hence bias_update_speed. The Engram table's rows follow the train
+    # split (rows_for_split) unless --engram_rows_per_head is given.
     "cpu": dict(max_iters=400, eval_interval=50, eval_iters=10, batch_size=16, block_size=128,
                 n_layer=6, n_head=8, n_embd=256, learning_rate=3e-3, min_lr=3e-4, warmup_iters=40,
-                bias_update_speed=1e-2, engram_rows_per_head=65536),
+                bias_update_speed=1e-2),
     # A single modern GPU: a ~50M-parameter model on ~330M tokens of the whole train split.
     "gpu": dict(max_iters=5000, eval_interval=250, eval_iters=40, batch_size=128, block_size=512,
                 n_layer=8, n_head=8, n_embd=512, learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
@@ -90,6 +90,17 @@ PRESETS = {
                 moe_inter_dim=256, n_routed_experts=16, n_activated_experts=2, bias_update_speed=1e-3,
                 engram_rows_per_head=65537, engram_dim_per_order=256, max_train_mb=0.0),
 }
+
+
+# The cpu preset's Engram rows per head, by the prepared train split's size (README, "The CPU preset"):
+# 2^16, the largest table whose step stayed within 1.1x of the smallest's, was the best size on 1.6M
+# tokens (compare.py --memory_sweep); on the 0.5M-token offline excerpt, a 2^16 table is spread too thin
+# (each row is looked up too rarely in 400 steps) and 4,099 rows gave 3.345 where 2^16 gave 3.404.
+SMALL_SPLIT_TOKENS, SMALL_SPLIT_ROWS, ROWS = 1_000_000, 4099, 65536
+
+
+def rows_for_split(train_tokens: int) -> int:
+    return SMALL_SPLIT_ROWS if train_tokens < SMALL_SPLIT_TOKENS else ROWS
 
 
 def main(argv=None):
@@ -213,6 +224,8 @@ def train(cfg: TrainConfig):
                 if load_stats:  # mean over the window's steps of each MoE layer's max/mean expert load
                     record["moe_max_over_mean"] = {str(k): round(float(np.mean([s[k] for s in load_stats])), 3)
                                                    for k in load_stats[0]}
+                if (gain := raw_model.hc_amax_gain()) is not None:  # mHC: composite H_res on the last val batch
+                    record["hc_amax_gain"] = gain
                 if scaler.is_enabled():  # fp16: the loss scale now, and the steps skipped since the last evaluation
                     record.update(loss_scale=scaler.get_scale(), skipped_steps=window_skips)
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
@@ -306,8 +319,20 @@ def build_config(argv) -> TrainConfig:
         device = cli.resolve_device(flags.get("device", "auto"))
         preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
         cfg = cli.apply(TrainConfig(), {**PRESETS.get(preset, {}), "preset": preset, **flags})
+        if preset == "cpu" and "engram_rows_per_head" not in flags and cfg.model.engram.engram_layers:
+            rows = rows_for_split(split_tokens(cfg.data))
+            cfg.model.engram = dataclasses.replace(cfg.model.engram, engram_rows_per_head=rows)
     device, _ = cli.setup_device(cfg.device, cfg.kernels, cfg.dtype)
     return fit_to_device(dataclasses.replace(cfg, device=device))
+
+
+def split_tokens(data_cfg) -> int:
+    """The train split's tokens, preparing the data first if needed (train() then finds it ready). Under
+    torchrun the ranks would prepare it side by side, so there it must exist already."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not os.path.isfile(os.path.join(data_cfg.data_dir, "meta.json")):
+        raise cli.ConfigError(f"--preset=cpu sizes Engram's table by the train split, which {data_cfg.data_dir} does "
+                              "not hold yet: run python data.py with the same data flags first, or give --engram_rows_per_head")
+    return load_or_prepare(data_cfg)["train_tokens"]
 
 
 def fit_to_device(cfg) -> TrainConfig:

@@ -1,9 +1,6 @@
 """compare.py end to end on a tiny configuration (2 arms, 1 seed, 4 steps), plus its parameter
 solvers and the equal-wall-clock interpolation against hand-made numbers."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +10,8 @@ import cli
 import compare
 import train
 from model import GPT
+from scripts import run
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The same tiny MLA + MoE + Engram model as test_train.py, at 4 steps.
 TINY = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--batch_size=4", "--block_size=32",
@@ -25,9 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_compare(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "compare.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    return run("compare.py", *args, env_extra={"OMP_NUM_THREADS": "1"})
 
 
 def read_log(run_dir):
@@ -83,6 +78,33 @@ def test_end_to_end_writes_results_and_skips_finished_runs(prepared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at iter 4" in proc.stdout
     assert [r["iter"] for r in read_log(out / "moe" / "seed0")] == [0, 2, 4, 6]
+
+
+def test_mhc_arms_are_paired_with_their_one_stream_arms(prepared, tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_compare(*TINY, f"--out_dir={out}", "--arms=moe,moe+mhc", "--seeds=1",
+                       f"--data_dir={prepared['data_dir']}", f"--source={prepared['source']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    mhc, moe = results["arms"]["moe+mhc"], results["arms"]["moe"]
+    assert json.loads((out / "moe+mhc" / "seed0" / "config.json").read_text())["model"]["mhc"]["hc_mult"] == 4
+    assert mhc["params"]["total"] > moe["params"]["total"] and mhc["params"]["engram_tables"] == 0
+    vs = mhc["vs_one_stream"]
+    assert vs["arm"] == "moe"
+    assert vs["equal_steps"]["mean"] == pytest.approx(mhc["final_val_loss"]["mean"] - moe["final_val_loss"]["mean"])
+    gain = mhc["seeds"]["1337"]["hc_amax_gain"]
+    assert gain == read_log(out / "moe+mhc" / "seed0")[-1]["hc_amax_gain"] and 0.99 < gain["max"] < 1.01
+    assert moe["seeds"]["1337"]["hc_amax_gain"] is None
+    assert "moe+mhc − moe (4 residual streams against 1" in (out / "results.md").read_text()
+
+
+def test_quick_demo_defaults_and_given_flags_win():
+    cfg, flags = compare.parse_args(["--quick", "--device=cpu"])
+    assert (cfg.preset, compare.arm_list(cfg), cfg.seeds, cfg.out_dir) == ("cpu", ["moe", "moe+engram"], 2, "out-quick")
+    assert flags["max_iters"] == "200"  # passed on to every run
+    cfg, flags = compare.parse_args(["--quick", "--device=cpu", "--seeds=3", "--out_dir=elsewhere", "--max_iters=50"])
+    assert (cfg.seeds, cfg.out_dir, flags["max_iters"]) == (3, "elsewhere", "50")
+    assert compare.parse_args(["--device=cpu"])[0].out_dir != "out-quick"
 
 
 def tiny_base(**extra):
