@@ -1,6 +1,6 @@
 """The Engram experiment: does conditional memory lower the TinyStories loss, and under which budget?
 
-    python compare.py --quick                       # moe vs moe+engram x 2 seeds: the claim in ~10 min on 2 cores
+    python compare.py --quick                       # moe vs moe+engram x 2 seeds: the claim in ~6 min on 2 cores
     python compare.py --preset=cpu                  # arms moe, moe+engram, iso-params, dense x 3 seeds (~1 h, 2 cores)
     python compare.py --preset=gpu                  # every arm and the allocation sweep (one GPU)
     python compare.py --arms=moe,moe+engram --seeds=1 --max_iters=50
@@ -77,8 +77,9 @@ PRESETS = {
     "gpu": dict(max_iters=400, eval_interval=50, eval_iters=20, batch_size=64, block_size=512, warmup_iters=40,
                 engram_dim_per_order=128),
 }
-# --quick: the claim in about 10 minutes on 2 CPU cores (README quickstart): 4 runs of the cpu preset at
-# half its steps (0.4M tokens). Its flags are defaults: any of them given on the command line wins.
+# --quick: the claim in minutes on a laptop CPU (README quickstart; 6 minutes on 2 cores): 4 runs of the
+# cpu preset above at 200 of its 300 steps (0.4M tokens each). Its flags are defaults: any of them given on
+# the command line wins.
 QUICK = dict(preset="cpu", arms="moe,moe+engram", seeds="2", max_iters="200", out_dir="out-quick")
 DEFAULT_ARMS = {
     "cpu": "moe,moe+engram,iso-params,dense",
@@ -118,7 +119,7 @@ class CompareConfig:
     memory_log2_rows: str = "10,12,14,16,18,20"  # memory sweep: log2(rows per head) of the gated Engram sizes
     memory_ungated: str = "10,16,20"  # memory sweep: sizes that also run additive 2-gram memory and get memory_seeds
     memory_seeds: int = 2             # memory sweep: seeds of moe and of gated Engram at the memory_ungated sizes
-    quick: bool = False               # the 10-minute demonstration: moe and moe+engram, 2 seeds, the cpu preset
+    quick: bool = False               # the few-minute demonstration: moe and moe+engram, 2 seeds, cpu preset, 200 steps
 
     def __post_init__(self):
         if self.preset not in ("", *PRESETS):

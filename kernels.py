@@ -81,7 +81,7 @@ mode = "auto"  # set once by the scripts from --kernels (set_mode); read by ever
 # Which GPUs a kernel is known to suit. Triton's supported NVIDIA GPUs are compute capability 8.0+ (Ampere,
 # Ada, Hopper): since Triton 3.3 a tl.dot below sm80 compiles to plain FMA loops, without tensor cores
 # (triton-lang/triton PR 5066), far slower than the cuBLAS matmuls the references call. Every kernel here
-# compiles ahead of time for sm70 and sm75 too (tests/test_kernels.py), but compiling is not running well,
+# compiles ahead of time for sm75 as well as sm90 (tests/test_kernels.py), but compiling is not running well,
 # so "auto" keeps V100s (7.0) and T4s (7.5) on the references. The tensor-core kernels (MoE, MLA decode)
 # take bf16, fp16 and fp32 (TF32 where torch's own matmuls use it) operands on sm80+.
 MIN_CAPABILITY = (8, 0)

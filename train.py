@@ -156,8 +156,11 @@ def train(cfg: TrainConfig):
 
     val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world) if it == 0 else None
     if it == 0 and master:  # the untrained model's loss anchors every curve
-        harness.append_log(log_path, {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None,
-                                      "val_loss": val_loss, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0})
+        record = {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None, "val_loss": val_loss,
+                  "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0}
+        if (gain := raw_model.hc_amax_gain()) is not None:  # mHC at init: H_res near the identity
+            record["hc_amax_gain"] = gain
+        harness.append_log(log_path, record)
     stop, status, overflows_in_a_row = harness.StopRequest(), 0, 0
     window_losses, load_stats, window_skips, window_t0, window_tokens = [], [], 0, time.time(), 0
     # a progress bar only on a terminal (disable=None): in a pipe or a log file it is noise
