@@ -15,7 +15,7 @@ from model import GPT, Cache
 from scripts import run
 from test_engram import V, small_cfg
 from test_model import VOCAB, make_model, tiny_config
-from test_train import TINY, data_flags, read_log
+from test_train import TINY, data_flags, read_log, whole_and_resumed
 
 
 def hc_config(n=4, **kw):
@@ -215,10 +215,7 @@ def test_mhc_cached_decoding_equals_the_full_forward_with_four_streams():
 
 def test_mhc_resume_is_exact_with_four_streams(prepared, tmp_path):
     common = TINY + data_flags(prepared) + ["--hc_mult=4", "--lr_decay_iters=12", "--eval_interval=4"]
-    train.main(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=12"])
-    train.main(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=8"])
-    train.main([f"--out_dir={tmp_path / 'b'}", "--max_iters=12", "--resume"])
-    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    a, b = whole_and_resumed(common, tmp_path, 12, 8)
     assert [(r["iter"], r["val_loss"], r["train_loss_mean"], r.get("hc_amax_gain")) for r in a] == \
            [(r["iter"], r["val_loss"], r["train_loss_mean"], r.get("hc_amax_gain")) for r in b]
 

@@ -11,7 +11,7 @@ import cli
 import kernels
 import train
 from scripts import run
-from test_train import TINY, data_flags, read_log
+from test_train import TINY, data_flags, read_log, whole_and_resumed
 
 
 GPUS = {"sm70": ("Tesla V100-SXM2-16GB", (7, 0)), "sm75": ("Tesla T4", (7, 5)),
@@ -178,10 +178,7 @@ def test_fp16_autocast_trains_with_the_grad_scaler_and_sparse_tables(prepared, t
 
 def test_fp16_resume_is_exact_with_the_scalers_state(prepared, tmp_path):
     common = FP16 + data_flags(prepared) + ["--lr_decay_iters=20", "--eval_interval=5"]
-    train.main(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=20"])
-    train.main(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=10"])
-    train.main([f"--out_dir={tmp_path / 'b'}", "--max_iters=20", "--resume"])
-    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    a, b = whole_and_resumed(common, tmp_path, 20, 10)
     assert [(r["iter"], r["val_loss"], r["train_loss_mean"], r.get("loss_scale")) for r in a] == \
            [(r["iter"], r["val_loss"], r["train_loss_mean"], r.get("loss_scale")) for r in b]
 

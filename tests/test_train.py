@@ -59,13 +59,19 @@ def assert_same_curve(a, b, train_loss=True):
             assert ra["train_loss_last"] == pytest.approx(rb["train_loss_last"], abs=1e-6)
 
 
+def whole_and_resumed(flags, tmp_path, total, cut):
+    """The logs of a run trained to `total` steps at once (tmp_path/a) and of one stopped at `cut` and
+    resumed to `total` (tmp_path/b). The resumed run takes its settings from its config.json; only
+    max_iters changes."""
+    train.main(flags + [f"--out_dir={tmp_path / 'a'}", f"--max_iters={total}"])
+    train.main(flags + [f"--out_dir={tmp_path / 'b'}", f"--max_iters={cut}"])
+    train.main([f"--out_dir={tmp_path / 'b'}", f"--max_iters={total}", "--resume"])
+    return read_log(tmp_path / "a"), read_log(tmp_path / "b")
+
+
 def test_resume_equals_uninterrupted(prepared, tmp_path):
     common = TINY + data_flags(prepared) + ["--eval_interval=5", "--lr_decay_iters=20"]
-    train.main(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=20"])
-    train.main(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=10"])
-    # the resumed run takes its settings from its config.json; only max_iters changes
-    train.main([f"--out_dir={tmp_path / 'b'}", "--max_iters=20", "--resume"])
-    assert_same_curve(read_log(tmp_path / "a"), read_log(tmp_path / "b"))
+    assert_same_curve(*whole_and_resumed(common, tmp_path, 20, 10))
     with pytest.raises(SystemExit):  # the model is the checkpoint's: changing it is refused
         train.main([f"--out_dir={tmp_path / 'b'}", "--n_embd=64", "--resume"])
 
