@@ -155,22 +155,22 @@ def bench_mhc(steps=10, batch_size=16, device="cpu"):
     """mHC's price: step time of the CPU preset model (MLA + MoE + Engram) on 4 residual streams against 1,
     eager and under torch.compile, the four taking turns step by step in one process. Compilation happens
     in the untimed warmup steps."""
-    contenders = {}
-    for compiled in (False, True):
+    contenders = {}  # {(hc_mult, mode): model}
+    for mode in ("eager", "compiled"):
         for n in (1, 4):
             torch.manual_seed(0)
             model = GPT(preset_model("cpu", engram="on", hc_mult=n)).to(device)
-            contenders[f"hc_mult={n} {'compiled' if compiled else 'eager'}"] = torch.compile(model) if compiled else model
-    cfg = contenders["hc_mult=1 eager"].cfg
+            contenders[n, mode] = torch.compile(model) if mode == "compiled" else model
+    cfg = contenders[1, "eager"].cfg
     times = interleaved_step_times(contenders, steps, batch_size, cfg.block_size, cfg.vocab_size, device)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    for name, model in contenders.items():
-        n, mode = name.split()
+    for (n, mode), model in contenders.items():
         counts = model.param_counts()
-        emit(bench="mhc_step_time", hc_mult=int(n.split("=")[1]), mode=mode, device=device, batch=batch_size,
+        emit(bench="mhc_step_time", hc_mult=n, mode=mode, device=device, batch=batch_size,
              block=cfg.block_size, params_total=counts["total"], params_active=counts["active"],
-             step_ms_median=round(1000 * medians[name], 1), tok_per_s=round(batch_size * cfg.block_size / medians[name]),
-             vs_one_stream=round(medians[name] / medians[f"hc_mult=1 {mode}"], 3))
+             step_ms_median=round(1000 * medians[n, mode], 1),
+             tok_per_s=round(batch_size * cfg.block_size / medians[n, mode]),
+             vs_one_stream=round(medians[n, mode] / medians[1, mode], 3))
 
 
 # ----------------------------------------------------------------------------- kernels

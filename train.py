@@ -156,11 +156,9 @@ def train(cfg: TrainConfig):
 
     val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world) if it == 0 else None
     if it == 0 and master:  # the untrained model's loss anchors every curve
-        record = {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None, "val_loss": val_loss,
-                  "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0}
-        if (gain := raw_model.hc_amax_gain()) is not None:  # mHC at init: H_res near the identity
-            record["hc_amax_gain"] = gain
-        harness.append_log(log_path, record)
+        harness.append_log(log_path, {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None,
+                                      "val_loss": val_loss, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0,
+                                      **hc_record(raw_model)})
     stop, status, overflows_in_a_row = harness.StopRequest(), 0, 0
     window_losses, load_stats, window_skips, window_t0, window_tokens = [], [], 0, time.time(), 0
     # a progress bar only on a terminal (disable=None): in a pipe or a log file it is noise
@@ -227,8 +225,7 @@ def train(cfg: TrainConfig):
                 if load_stats:  # mean over the window's steps of each MoE layer's max/mean expert load
                     record["moe_max_over_mean"] = {str(k): round(float(np.mean([s[k] for s in load_stats])), 3)
                                                    for k in load_stats[0]}
-                if (gain := raw_model.hc_amax_gain()) is not None:  # mHC: composite H_res on the last val batch
-                    record["hc_amax_gain"] = gain
+                record.update(hc_record(raw_model))
                 if scaler.is_enabled():  # fp16: the loss scale now, and the steps skipped since the last evaluation
                     record.update(loss_scale=scaler.get_scale(), skipped_steps=window_skips)
                 state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
@@ -283,6 +280,13 @@ def evaluate(model, val_tokens, starts, cfg, autocast, rank=0, world=1):
             losses.append(model(x, y)[1].item())
     model.train()
     return harness.mean_over_ranks(float(np.mean(losses)), world, cfg.device)
+
+
+def hc_record(model) -> dict:
+    """mHC's log field: the composite H_res's Amax gain on the last batch evaluated (GPT.hc_amax_gain),
+    {} with one residual stream."""
+    gain = model.hc_amax_gain()
+    return {} if gain is None else {"hc_amax_gain": gain}
 
 
 def clip_grad_norm(params, max_norm):
