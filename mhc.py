@@ -27,10 +27,14 @@ the model, the composite map neither amplifies (Amax gain <= 1) nor loses the st
     H_res  = SinkhornKnopp(a_res mat(h_res) + b_res)
 
 a_* are learned scalars (0.01 at init, so each map starts near its static part b_*), b_* learned biases.
-The Sinkhorn start here is exp (the paper's); DeepSeek-V4's code starts from a sigmoid (+ eps) instead.
+The Sinkhorn start here is exp (the paper's); DeepSeek-V4's code starts from a softmax + eps instead
+(--hc_sinkhorn_start=softmax), adds eps to H_pre (--hc_pre_eps=true) and collapses the streams before the
+head with weights computed from them (--hc_collapse=dynamic); tests/test_parity.py checks all three
+against transformers' DeepseekV4HyperConnection and DeepseekV4HyperHead.
 Sinkhorn iterations 0 (--hc_sinkhorn_iters=0) drop the constraint: H_res = a_res mat(h_res) + b_res, as in
 Hyper-Connections, the control that shows what the constraint prevents (composite_amax_gain).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +49,9 @@ class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique acr
     hc_eps: float = 1e-6              # keeps Sinkhorn's row and column sums away from 0
     hc_init_scale: float = 0.01       # a_pre, a_post, a_res at init: the input-dependent part starts small
     hc_dynamic: bool = True           # maps computed from the streams (mHC); false = static per-sublayer maps
+    hc_sinkhorn_start: str = "exp"    # 'exp' (the paper's) | 'softmax' (DeepSeek-V4's code: softmax + hc_eps)
+    hc_pre_eps: bool = False          # add hc_eps to every read weight (H_pre, the dynamic collapse), as V4's code
+    hc_collapse: str = "static"       # 'static' learned weights | 'dynamic' from the streams (V4's HyperHead)
 
     def __post_init__(self):
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 0:
@@ -52,6 +59,14 @@ class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique acr
                              f"{self.hc_sinkhorn_iters} >= 0")
         if not self.hc_eps > 0 or not self.hc_init_scale >= 0:
             raise ValueError(f"--hc_eps={self.hc_eps} must be > 0 and --hc_init_scale={self.hc_init_scale} >= 0")
+        if self.hc_sinkhorn_start not in ("exp", "softmax"):
+            raise ValueError(f"--hc_sinkhorn_start={self.hc_sinkhorn_start}: expected exp or softmax")
+        if self.hc_sinkhorn_start == "softmax" and self.hc_sinkhorn_iters == 0:
+            raise ValueError("--hc_sinkhorn_start=softmax: needs --hc_sinkhorn_iters >= 1 (0 = no Sinkhorn)")
+        if not isinstance(self.hc_pre_eps, bool):
+            raise ValueError(f"--hc_pre_eps={self.hc_pre_eps}: expected true or false")
+        if self.hc_collapse not in ("static", "dynamic"):
+            raise ValueError(f"--hc_collapse={self.hc_collapse}: expected static or dynamic")
 
 
 # -----------------------------------------------------------------------------
@@ -64,6 +79,19 @@ def sinkhorn(logits, iters: int, eps: float = 1e-6):
     remaining error. The max is taken out first so that exp cannot overflow (it cancels in the ratios)."""
     m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
     for _ in range(iters):
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)  # columns
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)  # rows
+    return m
+
+
+def sinkhorn_softmax_start(logits, iters: int, eps: float = 1e-6):
+    """DeepSeek-V4's code's Sinkhorn (its comb map, transposed to H_res here): (..., n, n) -> (..., n, n).
+    Its first column pass is an exact softmax over each column, then + eps on every entry; then rows, and
+    iters - 1 more column and row passes. As many passes as sinkhorn, in the same order, ending on rows:
+    only where eps enters the first pass differs (sinkhorn adds it to the column sums)."""
+    m = logits.softmax(dim=-2) + eps
+    m = m / (m.sum(dim=-1, keepdim=True) + eps)  # rows
+    for _ in range(iters - 1):
         m = m / (m.sum(dim=-2, keepdim=True) + eps)  # columns
         m = m / (m.sum(dim=-1, keepdim=True) + eps)  # rows
     return m
@@ -94,15 +122,49 @@ def expand_streams(x, n: int):
     return x.unsqueeze(2).expand(-1, -1, n, -1)
 
 
-class StreamCollapse(nn.Module):
-    """(B, T, n, C) -> (B, T, C): a learned weighted sum of the streams, the mean at init; with one stream,
-    that stream (no parameters)."""
+def wide(t):
+    """t in float32 at least (bf16 and fp16 widened, float64 kept for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
-    def __init__(self, n: int):
+
+def stream_features(x, weight):
+    """x (B, T, n, C), weight (rows, n*C) -> h = RMSNorm(vec(x)) weight^T, (B, T, rows) in float32 at least:
+    what the dynamic maps (and the dynamic collapse) are computed from."""
+    flat = F.rms_norm(wide(x.flatten(2)), (x.shape[2] * x.shape[3],))  # (B, T, n*C) x~
+    return F.linear(flat, wide(weight))
+
+
+def read_weights(h, scale, bias, cfg: MHCConfig):
+    """(..., n) -> sigmoid(scale h + bias) (..., n): how much of each stream is read; with --hc_pre_eps, + hc_eps
+    as DeepSeek-V4's code (no stream's weight reaches 0)."""
+    w = torch.sigmoid(scale * h + bias)
+    return w + cfg.hc_eps if cfg.hc_pre_eps else w
+
+
+class StreamCollapse(nn.Module):
+    """(B, T, n, C) -> (B, T, C): a weighted sum of the streams, the mean at init; with one stream, that
+    stream (no parameters). --hc_collapse=static: n learned weights. dynamic (DeepSeek-V4's HyperHead):
+    per-token weights read_weights(h), h from the streams as for H_pre; b = -log(n - 1) gives 1/n at init."""
+
+    def __init__(self, n: int, dim: int | None = None, cfg: MHCConfig | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.full((n,), 1.0 / n)) if n > 1 else None
+        self.cfg = cfg if cfg is not None else MHCConfig(hc_mult=n)
+        self.weight = None
+        self.dynamic = n > 1 and self.cfg.hc_collapse == "dynamic"
+        if self.dynamic:
+            if dim is None:
+                raise ValueError("--hc_collapse=dynamic: StreamCollapse needs the model width (dim)")
+            self.phi = nn.Linear(n * dim, n, bias=False)  # GPT.init_weights draws it N(0, 0.02)
+            self.scale = nn.Parameter(torch.full((1,), self.cfg.hc_init_scale))
+            self.bias = nn.Parameter(torch.full((n,), -math.log(n - 1)))  # sigmoid(b) = 1/n: the mean
+        elif n > 1:
+            self.weight = nn.Parameter(torch.full((n,), 1.0 / n))
 
     def forward(self, x):
+        if self.dynamic:
+            with torch.autocast(x.device.type, enabled=False):
+                w = read_weights(stream_features(x, self.phi.weight), self.scale, self.bias, self.cfg)  # (B, T, n)
+                return (w[..., None] * wide(x)).sum(dim=2).to(x.dtype)
         if self.weight is None:
             return x[:, :, 0]
         return (self.weight[:, None] * x).sum(dim=2)
@@ -110,11 +172,6 @@ class StreamCollapse(nn.Module):
 
 # -----------------------------------------------------------------------------
 # One hyper-connection: the read, write-back and mix around one sublayer
-
-def wide(t):
-    """t in float32 at least (bf16 and fp16 widened, float64 kept for gradcheck)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
 
 RES_OFF_DIAGONAL = -4.0  # mHC's b_res off the diagonal: exp(-4) = 0.018, so SK(b_res) starts near the identity
 
@@ -151,17 +208,17 @@ class HyperConnection(nn.Module):
         n = self.n
         with torch.autocast(x.device.type, enabled=False):
             if self.cfg.hc_dynamic:
-                flat = F.rms_norm(wide(x.flatten(2)), (x.shape[2] * x.shape[3],))  # (B, T, n*C) x~
-                h = F.linear(flat, wide(self.phi.weight))  # (B, T, 2n + n^2)
+                h = stream_features(x, self.phi.weight)  # (B, T, 2n + n^2)
             else:
                 h = wide(x.new_zeros(*x.shape[:2], 2 * n + n * n))
             a_pre, a_post, a_res = self.scale
             b = self.bias
-            h_pre = torch.sigmoid(a_pre * h[..., :n] + b[:n])  # (B, T, n)
+            h_pre = read_weights(h[..., :n], a_pre, b[:n], self.cfg)  # (B, T, n)
             h_post = 2 * torch.sigmoid(a_post * h[..., n:2 * n] + b[n:2 * n])  # (B, T, n)
             res = a_res * h[..., 2 * n:].unflatten(-1, (n, n)) + b[2 * n:].view(n, n)  # (B, T, n, n)
             if self.cfg.hc_sinkhorn_iters:
-                res = sinkhorn(res, self.cfg.hc_sinkhorn_iters, self.cfg.hc_eps)
+                project = sinkhorn if self.cfg.hc_sinkhorn_start == "exp" else sinkhorn_softmax_start
+                res = project(res, self.cfg.hc_sinkhorn_iters, self.cfg.hc_eps)
         self.last_res = res.detach()
         return h_pre, h_post, res
 

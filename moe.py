@@ -35,6 +35,9 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")  # router affinities (router_scores)
+
+
 @dataclass
 class MoEConfig:
     n_routed_experts: int = 8         # N_r
@@ -42,7 +45,7 @@ class MoEConfig:
     n_shared_experts: int = 1         # N_s, always-on experts (fused into one wider SwiGLU)
     moe_inter_dim: int = 128          # width of each fine-grained expert
     n_dense_layers: int = 1           # first blocks use a dense SwiGLU FFN (model.py decides using this)
-    score_func: str = "sigmoid"       # or "softmax"
+    score_func: str = "sigmoid"       # 'sigmoid' | 'softmax' | 'sqrtsoftplus' (DeepSeek-V4's router)
     route_scale: float = 1.0          # scales the routed experts' gate weights
     n_expert_groups: int = 1          # M groups for group-limited routing (DeepSeek-V2 §2.1.3)
     n_limited_groups: int = 1         # only tokens' best groups may be used
@@ -51,8 +54,8 @@ class MoEConfig:
 
     def __post_init__(self):
         E, k, groups = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
-        if self.score_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_func={self.score_func!r}: expected 'sigmoid' or 'softmax'")
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"--score_func={self.score_func}: expected sigmoid, softmax or sqrtsoftplus")
         if not 1 <= k <= E:
             raise ValueError(f"n_activated_experts={k} must be between 1 and n_routed_experts={E}")
         if groups < 1 or E % groups:
@@ -69,13 +72,18 @@ class MoEConfig:
 # routing
 
 def router_scores(logits, score_func):
-    """Affinities s_{i,t} in float32. logits: (N, E) -> (N, E)."""
+    """Affinities s_{i,t} in float32. logits: (N, E) -> (N, E).
+
+    sqrtsoftplus is DeepSeek-V4's router: sqrt(softplus(l)), positive like sigmoid but unbounded (about
+    sqrt(l) for large l, where sigmoid saturates at 1); route() normalises the chosen ones as for sigmoid."""
     logits = logits.float()
     if score_func == "sigmoid":
         return logits.sigmoid()
     if score_func == "softmax":
         return logits.softmax(dim=-1)
-    raise ValueError(f"unknown score_func {score_func!r}; use 'sigmoid' or 'softmax'")
+    if score_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    raise ValueError(f"unknown score_func {score_func!r}; use one of {', '.join(SCORE_FUNCS)}")
 
 
 def limit_to_best_groups(choice_scores, n_groups, n_limited_groups):
@@ -110,8 +118,8 @@ def route(scores, expert_bias, cfg):
         choice_scores = limit_to_best_groups(choice_scores, cfg.n_expert_groups, cfg.n_limited_groups)
     expert_ids = choice_scores.topk(cfg.n_activated_experts, dim=-1).indices  # (N, k)
     weights = scores.gather(1, expert_ids)  # (N, k)
-    if cfg.score_func == "sigmoid":
-        # sigmoid scores do not sum to 1, so normalise over the chosen experts (V3 eq. 13)
+    if cfg.score_func != "softmax":
+        # sigmoid (and V4's sqrtsoftplus) scores do not sum to 1, so normalise over the chosen experts (V3 eq. 13)
         weights = weights / weights.sum(dim=-1, keepdim=True)
     # softmax: keep the raw top-k probabilities (as DeepSeek-V2/V3 do); they already
     # share one normaliser, and route_scale sets the overall magnitude.

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import kernels
 import train
 from engram import Engram, TokenizerCompression, context_gate
-from mhc import HyperConnection, MHCConfig, amax_gain, composite_amax_gain, sinkhorn
+from mhc import (HyperConnection, MHCConfig, StreamCollapse, amax_gain, composite_amax_gain, sinkhorn,
+                 sinkhorn_softmax_start)
 from model import GPT, Cache
 from scripts import run
 from test_engram import V, small_cfg
@@ -61,6 +62,29 @@ def test_mhc_res_map_conserves_the_mean_over_streams():
     torch.testing.assert_close(mixed.mean(dim=2), x.mean(dim=2), atol=1e-5, rtol=1e-5)
     assert (h_res >= 0).all() and not torch.allclose(h_res, torch.eye(4, dtype=h_res.dtype).expand_as(h_res), atol=0.1)
     assert ((h_post > 0) & (h_post < 2)).all()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(hc_sinkhorn_start="sigmoid"), "--hc_sinkhorn_start=sigmoid: expected exp or softmax"),
+    (dict(hc_sinkhorn_start="softmax", hc_sinkhorn_iters=0), "--hc_sinkhorn_start=softmax: needs"),
+    (dict(hc_pre_eps="yes"), "--hc_pre_eps=yes: expected true or false"),
+    (dict(hc_collapse="mean"), "--hc_collapse=mean: expected static or dynamic"),
+])
+def test_mhc_v4_options_are_checked(flags, message):
+    """DeepSeek-V4's variants (tests/test_parity.py checks them against transformers): bad values are errors."""
+    with pytest.raises(ValueError, match=message):
+        MHCConfig(hc_mult=4, **flags)
+
+
+def test_mhc_softmax_start_is_doubly_stochastic_and_dynamic_collapse_starts_at_the_mean():
+    logits = torch.randn(64, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m = sinkhorn_softmax_start(logits, 30, eps=0.0)
+    torch.testing.assert_close(m.sum(-1), torch.ones(64, 4, dtype=torch.float64))
+    torch.testing.assert_close(m, sinkhorn(logits, 30, eps=0.0))  # without eps, the same passes
+    collapse = StreamCollapse(4, 16, MHCConfig(hc_mult=4, hc_collapse="dynamic", hc_init_scale=0.0))
+    x = torch.randn(2, 5, 4, 16)
+    torch.testing.assert_close(collapse(x), x.mean(dim=2))
+    assert StreamCollapse(1, 16, MHCConfig(hc_collapse="dynamic"))(x[:, :, :1]).equal(x[:, :, 0])
 
 
 # ----------------------------------------------------------------------------- one stream is the plain model

@@ -24,7 +24,8 @@ def reference_choice(moe, x_t, use_groups=True):
     """Per-token routing in plain Python: chosen expert ids and the unbiased scores."""
     cfg = moe.cfg
     logits = moe.gate.weight @ x_t  # (E,)
-    s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
+    s = {"sigmoid": logits.sigmoid, "softmax": lambda: logits.softmax(-1),
+         "sqrtsoftplus": lambda: F.softplus(logits).sqrt()}[cfg.score_func]()
     biased = (s + moe.expert_bias).tolist()
     E = cfg.n_routed_experts
     allowed = list(range(E))
@@ -42,7 +43,7 @@ def reference_choice(moe, x_t, use_groups=True):
 
 def reference_weights(moe, s, chosen):
     w = s[chosen]
-    if moe.cfg.score_func == "sigmoid":
+    if moe.cfg.score_func != "softmax":  # softmax's top-k stay raw; the others are normalised
         w = w / w.sum()
     return w * moe.cfg.route_scale
 
@@ -74,7 +75,7 @@ ROUTING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax", "sqrtsoftplus"])
 @pytest.mark.parametrize("routing", ROUTING_CASES)
 def test_matches_per_token_reference(score_func, routing):
     moe = make_moe(score_func=score_func, route_scale=2.5, **routing)
@@ -92,7 +93,7 @@ def test_matches_per_token_reference(score_func, routing):
         assert any(differs)
 
 
-@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax", "sqrtsoftplus"])
 def test_bias_changes_choice_not_weight_formula(score_func):
     moe = make_moe(score_func=score_func, route_scale=1.7)
     x = torch.randn(32, DIM)
@@ -107,7 +108,7 @@ def test_bias_changes_choice_not_weight_formula(score_func):
     assert not torch.equal(ids.sort(-1).values, ids_plain.sort(-1).values)
     # the weights use the unbiased scores of the chosen experts, with the usual formula
     chosen = scores.gather(1, ids)
-    expected = chosen / chosen.sum(-1, keepdim=True) if score_func == "sigmoid" else chosen
+    expected = chosen / chosen.sum(-1, keepdim=True) if score_func != "softmax" else chosen
     torch.testing.assert_close(weights, expected * 1.7)
     # and the whole layer agrees with the per-token reference under this bias
     moe.expert_bias.copy_(bias)
