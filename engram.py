@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels  # the hash-and-gather of §2-3: a Triton kernel on a GPU, plain PyTorch otherwise
+import memory  # tables that do not live whole on the model's device: sharded, in host memory, on disk
 
 
 @dataclass
@@ -262,9 +263,11 @@ class ShortConv(nn.Module):
 # state is the query), and Y^(m) = alpha^(m) W_V e (+ conv) goes to stream m. n = 1 is §2.
 
 class Engram(nn.Module):
-    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int, n_canonical: int, n_streams: int = 1):
+    def __init__(self, dim: int, cfg: EngramConfig, layer_slot: int, n_canonical: int, n_streams: int = 1,
+                 table_device=None):
         # layer_slot indexes cfg.engram_layers: it picks this layer's table sizes and hash
-        # multipliers; n_canonical (TokenizerCompression.n_canonical) bounds the multipliers
+        # multipliers; n_canonical (TokenizerCompression.n_canonical) bounds the multipliers;
+        # table_device='meta' makes the table a shape without memory (its rows will come from a file)
         super().__init__()
         head_dim = cfg.engram_dim_per_order // cfg.engram_heads_per_order
         d_mem = len(cfg.ngram_orders) * cfg.engram_dim_per_order  # size of e_t
@@ -273,7 +276,8 @@ class Engram(nn.Module):
         self.register_buffer("multipliers", hash_multipliers(cfg, n_canonical)[layer_slot])  # (max_order,)
         self.register_buffer("head_primes", primes)
         self.register_buffer("head_offsets", primes.cumsum(0) - primes)  # (H,) each head's first row
-        self.table = nn.Embedding(int(primes.sum()), head_dim, sparse=cfg.engram_sparse)  # every head's rows
+        self.n_rows, self.head_dim = int(primes.sum()), head_dim
+        self.table = nn.Embedding(self.n_rows, head_dim, sparse=cfg.engram_sparse, device=table_device)  # every head's rows
         self.value_proj = nn.Linear(d_mem, dim, bias=False)  # W_V
         if self.use_gate:
             self.key_proj = nn.Linear(d_mem, n_streams * dim, bias=False)  # every stream's W_K, side by side
@@ -295,9 +299,12 @@ class Engram(nn.Module):
     def forward(self, h, context, cache: dict | None = None):
         # h (B, T, n, dim) hidden states of the n streams, context (B, P+T) canonical ids
         # (TokenizerCompression) -> (B, T, n, dim)
-        e = kernels.engram_lookup(context, self.multipliers, self.head_primes, self.head_offsets,
-                                  self.cfg.ngram_orders, self.cfg.engram_heads_per_order, self.table.weight,
-                                  sparse=self.table.sparse)  # (B, T, d_mem)  e_t: every head's row, side by side
+        if isinstance(self.table, nn.Embedding):  # resident: the hash and the gather fused (one kernel on a GPU)
+            e = kernels.engram_lookup(context, self.multipliers, self.head_primes, self.head_offsets,
+                                      self.cfg.ngram_orders, self.cfg.engram_heads_per_order, self.table.weight,
+                                      sparse=self.table.sparse)  # (B, T, d_mem)  e_t: every head's row, side by side
+        else:  # the rows live elsewhere (memory.py): on other ranks, in host memory or in a file
+            e = self.table.lookup(context, self.rows_of).flatten(-2)  # (B, T, H, head_dim) -> (B, T, d_mem)
         value = self.value_proj(e)[:, :, None]  # (B, T, 1, dim)  v_t = W_V e_t, one for every stream
         if self.use_gate:
             keys = self.key_proj(e).unflatten(-1, (self.n_streams, -1))  # (B, T, n, dim)  k_t^(m) = W_K^(m) e_t
@@ -308,15 +315,37 @@ class Engram(nn.Module):
             value = value.expand(-1, -1, self.n_streams, -1)  # (B, T, n, dim)  the same memory for each stream
         return value + self.short_conv(value, cache)  # (B, T, n, dim)
 
+    def rows_of(self, context):
+        """(B, P+T) canonical ids -> (B, T, H) this layer's table rows (§2.2's hash), on context's device:
+        what a table that lives elsewhere is asked for (memory.py)."""
+        on = context.device
+        return kernels.hash_ngrams(context, self.multipliers.to(on), self.head_primes.to(on), self.head_offsets.to(on),
+                                   self.cfg.ngram_orders, self.cfg.engram_heads_per_order)
+
+    def shard_table(self, rank: int, world: int):
+        """Keep only the rows this rank owns (row r on rank r % world); the others are fetched (memory.py)."""
+        self.table = memory.ShardedTable(self.table.weight, rank, world)
+
+    def offload_table(self, where: str, device, rows=None):
+        """The table's rows to host memory (where='host': rows, a tensor; None = the weights as they are) or
+        to a file (where='disk': rows, its (n_rows, head_dim) np.memmap); the rest stays on the device."""
+        self.table = memory.OffloadedTable(where, device, self.table.weight if rows is None else rows)
+
+    def prefetch(self, context):
+        """Start gathering this context's rows, if they live off the device (called before block 0 runs)."""
+        if isinstance(self.table, memory.OffloadedTable):
+            self.table.prefetch(context, self.rows_of)
+
     def custom_param_groups(self) -> list[dict]:
         # the tables get their own optimiser group: Adam lr x 5, no weight decay (paper);
-        # 'sparse' sends it to lazy Adam (GPT.configure_optimizers)
-        return [{"params": [self.table.weight], "lr_mult": self.cfg.engram_lr_mult,
-                 "weight_decay": self.cfg.engram_weight_decay, "sparse": self.table.sparse}]
+        # 'sparse' sends it to lazy Adam (GPT.configure_optimizers). A table in a file has no parameter.
+        weight = getattr(self.table, "weight", None)
+        return [] if weight is None else [{"params": [weight], "lr_mult": self.cfg.engram_lr_mult,
+                                           "weight_decay": self.cfg.engram_weight_decay, "sparse": self.table.sparse}]
 
     def n_table_params(self) -> int:
-        # looked up, not multiplied: not "active" compute parameters
-        return self.table.weight.numel()
+        # looked up, not multiplied: not "active" compute parameters; counted whole wherever the rows live
+        return self.n_rows * self.head_dim
 
     def average_table_grad(self):
         """DDP for the sparse table gradient (DDP itself skips the table): every rank's touched

@@ -244,11 +244,13 @@ def wrap_ddp(model, device: str, skip: list):
     return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None, **no_sync)
 
 
-def finish_distributed(model, check_agreement: bool):
-    """Leave the process group; after a whole run, first check that every rank holds the same weights."""
+def finish_distributed(model, check_agreement: bool, skip=()):
+    """Leave the process group; after a whole run, first check that every rank holds the same weights
+    (but those named in skip, which differ by design: a sharded table's rows)."""
     if check_agreement:
         sums = [None] * dist.get_world_size()
-        dist.all_gather_object(sums, torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu())
+        dist.all_gather_object(sums, torch.stack([p.detach().double().sum() for name, p in model.named_parameters()
+                                                  if name not in skip]).cpu())
         if any(not torch.equal(sums[0], s) for s in sums[1:]):
             raise RuntimeError("DDP ranks diverged: their parameters differ after training")
         if dist.get_rank() == 0:

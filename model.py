@@ -111,9 +111,10 @@ class CausalSelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
-def make_block_parts(cfg: GPTConfig, layer_id: int, n_canonical: int):
+def make_block_parts(cfg: GPTConfig, layer_id: int, n_canonical: int, table_device=None):
     """The one place that decides which attention, FFN and memory a block has.
-    n_canonical: ids after Engram's tokenizer compression (its hash multipliers depend on it)."""
+    n_canonical: ids after Engram's tokenizer compression (its hash multipliers depend on it);
+    table_device: where Engram's table is made ('meta': no memory, for rows that come from a file)."""
     if cfg.attn == "mla":
         attn = MLA(cfg.n_embd, cfg.n_head, cfg.mla, cfg.rope_theta)
     else:
@@ -125,7 +126,7 @@ def make_block_parts(cfg: GPTConfig, layer_id: int, n_canonical: int):
     engram = None
     if layer_id in cfg.engram.engram_layers:
         engram = Engram(cfg.n_embd, cfg.engram, cfg.engram.engram_layers.index(layer_id), n_canonical,
-                        cfg.mhc.hc_mult)
+                        cfg.mhc.hc_mult, table_device)
     # the residual connections around attention and the FFN: sublayers 2l and 2l + 1
     attn_hc, ffn_hc = (HyperConnection(cfg.n_embd, cfg.mhc, 2 * layer_id + k) for k in (0, 1))
     return attn, ffn, engram, attn_hc, ffn_hc
@@ -137,9 +138,10 @@ class Block(nn.Module):
         x  = H_res x + H_post^T Attn(norm(H_pre x))  the attention's hyper-connection
         x  = H_res x + H_post^T FFN(norm(H_pre x))   the FFN's"""
 
-    def __init__(self, cfg: GPTConfig, layer_id: int, n_canonical: int):
+    def __init__(self, cfg: GPTConfig, layer_id: int, n_canonical: int, table_device=None):
         super().__init__()
-        self.attn, self.ffn, self.engram, self.attn_hc, self.ffn_hc = make_block_parts(cfg, layer_id, n_canonical)
+        self.attn, self.ffn, self.engram, self.attn_hc, self.ffn_hc = make_block_parts(cfg, layer_id, n_canonical,
+                                                                                         table_device)
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
 
@@ -165,9 +167,10 @@ class Cache:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, token_bytes=None):
+    def __init__(self, cfg: GPTConfig, token_bytes=None, table_device=None):
         """token_bytes: each token id's raw bytes (data.Tokenizer.token_bytes()) for Engram's tokenizer
-        compression; None = no compression table (e.g. when a checkpoint will bring it)."""
+        compression; None = no compression table (e.g. when a checkpoint will bring it). table_device='meta':
+        Engram's tables take no memory (sample.py, whose rows then come from a file: offload_tables)."""
         super().__init__()
         self.cfg = cfg
         self.compression = None  # Engram's canonical ids, shared by all its layers
@@ -175,8 +178,8 @@ class GPT(nn.Module):
             self.compression = TokenizerCompression(cfg.engram, cfg.vocab_size, token_bytes)
         n_canonical = self.compression.n_canonical if self.compression else cfg.vocab_size
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i, n_canonical) for i in range(cfg.n_layer))
-        self.collapse = StreamCollapse(cfg.mhc.hc_mult)  # n streams -> 1 before the head
+        self.blocks = nn.ModuleList(Block(cfg, i, n_canonical, table_device) for i in range(cfg.n_layer))
+        self.collapse = StreamCollapse(cfg.mhc.hc_mult, cfg.n_embd, cfg.mhc)  # n streams -> 1 before the head
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
@@ -208,6 +211,7 @@ class GPT(nn.Module):
         context = None
         if self.compression is not None:  # (B, P+T) what every Engram layer hashes
             context = self.compression(idx, None if cache is None else cache.engram_prefix)
+            self.prefetch_rows(context)  # tables off the device: their rows are gathered while the blocks run
         for i, block in enumerate(self.blocks):
             x = block(x, context, None if cache is None else cache.layers[i], start_pos)
         logits = self.lm_head(self.norm(self.collapse(x)))  # (B, T, vocab)
@@ -306,13 +310,40 @@ class GPT(nn.Module):
         return optimizers
 
     def sparse_param_names(self):
-        """Parameters with sparse gradients: DDP must skip them; average_sparse_grads() averages them."""
-        return [f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding) and m.sparse]
+        """Parameters with sparse gradients: DDP must skip them; average_sparse_grads() averages the resident
+        ones, and a sharded table's gradient arrives averaged (memory.ShardedLookup)."""
+        return [f"{name}.table.weight" for name, m in self.named_modules() if isinstance(m, Engram) and m.table.sparse]
 
     def average_sparse_grads(self):
         for m in self.modules():
-            if isinstance(m, Engram) and m.table.sparse and m.table.weight.grad is not None:
+            if isinstance(m, Engram) and isinstance(m.table, nn.Embedding) and m.table.sparse \
+                    and m.table.weight.grad is not None:
                 m.average_table_grad()
+
+    # ------------------------------------------------------------------ where Engram's rows live (memory.py)
+    def shard_tables(self, rank: int, world: int):
+        """Under torchrun: every Engram table keeps only the rows this rank owns."""
+        for m in self.modules():
+            if isinstance(m, Engram):
+                m.shard_table(rank, world)
+
+    def offload_tables(self, where: str, device, rows: dict | None = None):
+        """Every Engram table's rows to host memory (where='host') or to memory-mapped files (where='disk');
+        rows {parameter name: (n_rows, head_dim) tensor or np.memmap}, None = the tables as they are.
+        Call before .to(device)."""
+        for name, m in self.named_modules():
+            if isinstance(m, Engram):
+                m.offload_table(where, device, None if rows is None else rows[f"{name}.table.weight"])
+
+    def prefetch_rows(self, context):
+        for block in self.blocks:
+            if block.engram is not None:
+                block.engram.prefetch(context)
+
+    def prefetch(self, idx):
+        """train.py: start gathering the rows of a batch before its forward (a no-op for resident tables)."""
+        if self.compression is not None:
+            self.prefetch_rows(self.compression(idx))
 
     def param_counts(self):
         """Parameter counts: total, active per token, and Engram tables.
@@ -322,9 +353,11 @@ class GPT(nn.Module):
         rows (a lookup, not a matmul, as in the paper's accounting). The tied
         embedding is counted once, as the output head's matrix.
         """
-        total = sum(p.numel() for p in self.parameters())
+        engrams = [m for m in self.modules() if isinstance(m, Engram)]
+        tables = sum(m.n_table_params() for m in engrams)  # whole, wherever the rows live (memory.py)
+        table_ids = {id(w) for m in engrams if (w := getattr(m.table, "weight", None)) is not None}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in table_ids) + tables
         inactive = sum(m.n_inactive_params() for m in self.modules() if isinstance(m, MoE))
-        tables = sum(m.n_table_params() for m in self.modules() if isinstance(m, Engram))
         return {"total": total, "active": total - inactive - tables, "engram_tables": tables}
 
 

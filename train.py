@@ -9,6 +9,7 @@ The run directory gets config.json, log.jsonl (one line per evaluation), loss.pn
 --resume continues a run exactly where it stopped. Ctrl-C or SIGTERM lets the current step
 finish, then evaluates, saves and exits; a second one stops at once.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -25,8 +26,9 @@ from tqdm import tqdm
 import cli
 import harness
 import kernels
+import memory
 from data import DataConfig, DataError, Tokenizer, batch_at, get_batch, load_or_prepare, load_tokens, val_starts
-from engram import table_params
+from engram import head_table_sizes, table_params
 from model import GPT, GPTConfig
 
 
@@ -54,6 +56,8 @@ class TrainConfig:
     beta1: float = 0.9                # Adam beta1
     beta2: float = 0.95               # Adam beta2
     grad_clip: float = 1.0            # clip the gradient norm at this; 0 = off
+    engram_shard: bool = False        # under torchrun: each rank keeps 1/world of every Engram table's rows and their Adam state (memory.py)
+    engram_offload: str = ""          # 'host': Engram's tables stay in host memory, each batch's rows gathered a step ahead; '' = on the device
     data: DataConfig = field(default_factory=DataConfig)
     model: GPTConfig = field(default_factory=GPTConfig)
 
@@ -72,6 +76,12 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype}: expected one of {', '.join(cli.DTYPES)}")
         if self.kernels not in kernels.MODES:
             raise ValueError(f"--kernels={self.kernels}: expected one of {', '.join(kernels.MODES)}")
+        if self.engram_offload not in ("", "host"):
+            raise ValueError(f"--engram_offload={self.engram_offload}: expected host (or nothing); training reads "
+                             "no table from disk (sample.py --engram_offload=disk does)")
+        if self.engram_offload and self.engram_shard:
+            raise ValueError("--engram_offload=host and --engram_shard=true: choose one (host tables train on one "
+                             "process; sharded tables split them over torchrun's ranks)")
 
 
 # Presets are plain overrides, applied before the command line's.
@@ -120,7 +130,8 @@ def train(cfg: TrainConfig):
     ckpt = harness.load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None and finished(ckpt, cfg, master):
         return
-    check_tables_fit(cfg.model.engram, cfg.device)
+    shard = check_table_placement(cfg, ddp, world, master)
+    check_tables_fit(cfg.model.engram, "cpu" if cfg.engram_offload else cfg.device, world if shard else 1)
     harness.on_first_rank(lambda: harness.prepare_out_dir(cfg), ddp)
 
     # data: prepared once per machine, the token files checked against meta.json, then memory-mapped
@@ -135,9 +146,18 @@ def train(cfg: TrainConfig):
 
     # model and optimizers: AdamW, plus lazy Adam for sparse Engram tables
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = raw_model = GPT(cfg.model, token_bytes=tok.token_bytes()).to(cfg.device)
+    model = raw_model = GPT(cfg.model, token_bytes=tok.token_bytes())
+    if cfg.engram_offload:  # before .to(device): the tables stay in host memory (memory.OffloadedTable)
+        raw_model.offload_tables("host", cfg.device)
+    if shard:  # every rank drew the whole table (the same initial weights as one process), and keeps its rows
+        raw_model.shard_tables(rank, world)
+    raw_model.to(cfg.device)
+    host_tables = memory.offloaded_tables(raw_model)
+    sharded = [t.weight for t in memory.sharded_params(raw_model).values()]
     optimizers = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                                 device_type)
+    if ckpt is not None and shard:  # checkpoints hold whole tables: cut out this rank's rows and moments
+        ckpt["model"], ckpt["optimizers"] = memory.shard_state(raw_model, optimizers, ckpt["model"], ckpt["optimizers"])
     rng = np.random.default_rng(cfg.seed)  # batch order: each rank draws the global batch, takes its part
     # precision by hardware (cli.resolve_dtype): autocast in bf16 or fp16, or plain fp32. fp16's narrow range
     # needs loss scaling: the scaler multiplies the loss before backward and divides the gradients after.
@@ -176,13 +196,18 @@ def train(cfg: TrainConfig):
                 last_micro = micro == cfg.gradient_accumulation_steps - 1
                 with (model.no_sync() if ddp and not last_micro else nullcontext()), autocast:
                     _, loss = model(x, y)
+                if host_tables:  # the next batch (drawn from a copy of rng: the same one) is gathered meanwhile
+                    raw_model.prefetch(get_batch(train_tokens, cfg.batch_size, block_size, copy.deepcopy(rng),
+                                                 cfg.device, rank, world)[0])
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                 step_losses.append(loss.item())
             if ddp:
                 raw_model.average_sparse_grads()
             for opt in optimizers:
                 scaler.unscale_(opt)  # fp16: the true gradients again, before they are clipped
-            grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip)
+            if sharded and scaler.is_enabled():
+                memory.agree_found_inf(scaler, optimizers)
+            grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip, sharded)
             # every rank learns whether any rank saw a non-finite loss or gradient, or was asked to stop
             bad_loss, bad_grad, stopping = harness.agree(ddp, cfg.device, not all(map(math.isfinite, step_losses)),
                                                          not math.isfinite(grad_norm), stop.signal is not None)
@@ -202,6 +227,9 @@ def train(cfg: TrainConfig):
             for opt in optimizers:
                 if not overflow:
                     scaler.step(opt)  # opt.step(), with the loss scale's bookkeeping under fp16
+            for table in host_tables:  # rows SparseAdam just changed: a prefetch that read them reads them again
+                table.mark_updated()
+            for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             scaler.update()
             window_skips += overflow
@@ -228,7 +256,11 @@ def train(cfg: TrainConfig):
                 record.update(hc_record(raw_model))
                 if scaler.is_enabled():  # fp16: the loss scale now, and the steps skipped since the last evaluation
                     record.update(loss_scale=scaler.get_scale(), skipped_steps=window_skips)
-                state = {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                record.update(table_record(raw_model, optimizers, ddp, world))
+                # whole tables in every checkpoint: a sharded run's are assembled on the first rank (all ranks call)
+                model_state, opt_states = memory.unshard_state(raw_model, optimizers, rank) if sharded else \
+                    (raw_model.state_dict(), [o.state_dict() for o in optimizers])
+                state = {"model": model_state, "optimizers": opt_states,
                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg), "meta": meta, "iter": it,
                          "tokens": tokens_seen, "elapsed_s": elapsed, "rng": rng.bit_generator.state,
                          "torch_rng": torch.get_rng_state()}
@@ -243,8 +275,9 @@ def train(cfg: TrainConfig):
     finally:
         bar.close()
         stop.restore()
-    if ddp:
-        harness.finish_distributed(raw_model, check_agreement=status == 0)
+    if ddp:  # a sharded table differs by rank by design; every other parameter must agree
+        model = None  # DDP's reducer goes before the process group it uses: freed after it, it can hang at exit
+        harness.finish_distributed(raw_model, check_agreement=status == 0, skip=set(memory.sharded_params(raw_model)))
     if status:
         sys.exit(status)
     if master and val_loss is not None:
@@ -289,21 +322,37 @@ def hc_record(model) -> dict:
     return {} if gain is None else {"hc_amax_gain": gain}
 
 
-def clip_grad_norm(params, max_norm):
+def clip_grad_norm(params, max_norm, sharded=()):
     """torch.nn.utils.clip_grad_norm_, which cannot read a sparse gradient: a sparse table gradient is
     coalesced (a row looked up twice is one row, its two gradients summed) and its values stand in.
-    Returns the norm before clipping; max_norm=0 only measures it (for the non-finite check)."""
-    grads = []
+    sharded: parameters split over the ranks (memory.ShardedTable), whose squared norms are summed over
+    all ranks, so that every rank clips by the norm of the whole gradient. Returns the norm before
+    clipping; max_norm=0 only measures it (for the non-finite check)."""
+    grads, shard_grads, shard_ids = [], [], {id(p) for p in sharded}
     for p in (p for p in params if p.grad is not None):
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-        grads.append(p.grad._values() if p.grad.is_sparse else p.grad)
+        (shard_grads if id(p) in shard_ids else grads).append(p.grad._values() if p.grad.is_sparse else p.grad)
     total = torch.nn.utils.get_total_norm(grads)
+    if shard_ids:
+        squares = torch.nn.utils.get_total_norm(shard_grads).to(total) ** 2
+        torch.distributed.all_reduce(squares)
+        total = (total ** 2 + squares).sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
+        for g in grads + shard_grads:
             g.mul_(scale)
     return float(total)
+
+
+def table_record(model, optimizers, ddp, world) -> dict:
+    """log.jsonl's record of the Engram tables' memory under torchrun: each rank's table and optimizer-state
+    bytes (memory.table_bytes), which sharding makes 1/world of the whole."""
+    if not ddp or not model.cfg.engram.engram_layers:
+        return {}
+    per_rank = [None] * world
+    torch.distributed.all_gather_object(per_rank, memory.table_bytes(model, optimizers))
+    return {"engram_bytes_per_rank": per_rank}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -400,12 +449,41 @@ def settings_for_this_machine(cfg, given) -> TrainConfig:
     return cfg
 
 
-def check_tables_fit(engram_cfg, device):
+def check_tables_fit(engram_cfg, device, shards=1):
     """Engram's tables (fp32 weights, two Adam moments and, without engram_sparse, a dense gradient)
-    must fit in memory: fail now with the estimate, not after minutes of work."""
-    n = table_params(engram_cfg) if engram_cfg.engram_layers else 0
+    must fit in memory, 1/shards of them per rank when sharded: fail now with the estimate, not after
+    minutes of work."""
+    n = (table_params(engram_cfg) if engram_cfg.engram_layers else 0) // shards
     cli.check_fits(n * 4 * (3 if engram_cfg.engram_sparse else 4), device, f"--engram_rows_per_head="
-                   f"{engram_cfg.engram_rows_per_head}: {n / 1e6:,.0f}M table parameters with their Adam state")
+                   f"{engram_cfg.engram_rows_per_head}: {n / 1e6:,.0f}M table parameters with their Adam state"
+                   + (f" on each of {shards} ranks" if shards > 1 else ""))
+
+
+def check_table_placement(cfg, ddp, world, master) -> bool:
+    """Whether the tables are sharded in this run: --engram_shard and --engram_offload checked against the
+    model and the processes (one-line errors), and one process with --engram_shard said plainly."""
+    engram = cfg.model.engram
+    if (cfg.engram_shard or cfg.engram_offload) and not engram.engram_layers:
+        flag = "--engram_shard=true" if cfg.engram_shard else f"--engram_offload={cfg.engram_offload}"
+        raise cli.ConfigError(f"{flag}: this model has no Engram table (--engram=off); drop the flag")
+    if cfg.engram_offload and ddp:
+        raise cli.ConfigError("--engram_offload=host trains on one process; under torchrun use --engram_shard=true")
+    if cfg.engram_offload and not engram.engram_sparse:
+        raise cli.ConfigError("--engram_offload=host needs --engram_sparse=true: host rows are updated by SparseAdam")
+    if cfg.engram_shard and not engram.engram_sparse:
+        raise cli.ConfigError("--engram_shard=true needs --engram_sparse=true: a shard is updated by SparseAdam")
+    if not cfg.engram_shard:
+        return False
+    if not ddp:
+        if master:
+            print("note: --engram_shard=true on one process: the one shard is the whole table (start with torchrun "
+                  "--nproc_per_node=N to split it over N ranks)")
+        return False
+    smallest = min(min(sizes) for sizes in head_table_sizes(engram))
+    if world > smallest:
+        raise cli.ConfigError(f"--engram_shard=true over {world} ranks: every rank must own rows of every head, and "
+                              f"the smallest head has {smallest} rows; raise --engram_rows_per_head or use fewer ranks")
+    return True
 
 
 def finished(ckpt, cfg, master) -> bool:

@@ -61,3 +61,25 @@ def run(script, *args, env_extra=None, timeout=300, unset=()):
                           cwd=ROOT, timeout=timeout)
     skip_if_exercise(proc.stderr)
     return proc
+
+
+def torchrun(script, *args, nproc=2, timeout=240, env_extra=None):
+    """python -m torch.distributed.run --nproc_per_node=nproc ROOT/script args... on a free local port, one
+    thread per rank: the CompletedProcess. A run still going after timeout seconds (a collective some rank
+    never joined) is killed and fails the test with the last lines each rank printed, not a bare timeout."""
+    import socket
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           str(ROOT / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"{script} on {nproc} ranks hung for {timeout} s (a rank waiting in a collective the others "
+                    f"left?); its last output:\n{out[-1500:]}\n{err[-1500:]}", pytrace=False)
+    skip_if_exercise(proc.stderr)
+    return proc
