@@ -4,14 +4,19 @@
     python bench.py --kernels          # Triton kernels against their PyTorch references (needs a GPU for Triton)
     python bench.py --engram_scaling   # step time against Engram table size, dense vs sparse table training
     python bench.py --mhc              # mHC's step-time overhead (4 residual streams vs 1), eager and compiled
+    python bench.py --engram_memory    # tables beyond one device: sharded vs replicated (2 gloo ranks), and
+                                       # decoding with resident, host and disk tables (memory.py)
 
 Speed comparisons are measured side by side in one process, alternating the
 contenders step by step, so that load from elsewhere on the machine hits both alike.
 """
 import gc
 import json
+import os
+import socket
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -19,9 +24,11 @@ import torch
 
 import cli
 import kernels
+import memory
 from engram import EngramConfig, TokenizerCompression, hash_multipliers, head_table_sizes, table_params
 from mla import MLAConfig
 from model import GPT, Cache, GPTConfig, dense_ffn_hidden
+from harness import wrap_ddp
 from train import ROWS, build_config, clip_grad_norm
 
 
@@ -30,6 +37,7 @@ class BenchConfig:
     kernels: bool = False             # benchmark the Triton kernels against their PyTorch references
     engram_scaling: bool = False      # step time against Engram table size: dense vs sparse table training
     mhc: bool = False                 # step time with 4 residual streams (mhc.py) against 1, eager and torch.compile
+    engram_memory: bool = False       # sharded against replicated tables on 2 ranks, and decoding from host and disk tables
     steps: int = 0                    # timed steps per model; 0 = 20 (with --engram_scaling: 8 per path and size)
 
     def __post_init__(self):
@@ -171,6 +179,148 @@ def bench_mhc(steps=10, batch_size=16, device="cpu"):
              step_ms_median=round(1000 * medians[n, mode], 1),
              tok_per_s=round(batch_size * cfg.block_size / medians[n, mode]),
              vs_one_stream=round(medians[n, mode] / medians[1, mode], 3))
+
+
+# ----------------------------------------------------------------------------- Engram tables beyond one device
+
+SHARD_SIZES = (2**16, 2**18, 2**20, 2**22)  # rows per head: 8 heads x 16 numbers, 8.4M to 537M parameters
+
+
+def bench_engram_memory(steps=5, device="cpu"):
+    """The system half of the Engram paper on this machine: training steps with replicated and sharded tables
+    on 2 gloo processes (shard_worker), then decoding with resident, host and disk tables (bench_offload)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(shard_worker, args=(2, port, steps), nprocs=2, join=True)
+    bench_offload(device=device)
+
+
+def shard_worker(rank, world, port, steps, batch_size=8):
+    """One of 2 ranks (one thread each): for each table size, the CPU preset model with replicated tables
+    (every rank the whole table, gradients all-gathered: train.py's default under torchrun) and with sharded
+    ones (--engram_shard), taking turns step by step on the same batches; per-rank table and Adam bytes.
+    Where the two would not fit in memory together, they run one after the other (interleaved: false)."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    base = preset_model("cpu", engram="on")
+    for rows in SHARD_SIZES:
+        cfg = replace(base, engram=replace(base.engram, engram_rows_per_head=rows))
+        whole = table_params(cfg.engram) * 4 * 3  # fp32 rows and Adam's two moments
+        together = world * whole * (1 + 1 / world) < 0.6 * memory_available()
+        phases = [("replicated", "sharded")] if together else [("replicated",), ("sharded",)]
+        times, held = {}, {}
+        for phase in phases:
+            models = {}
+            for name in phase:
+                torch.manual_seed(0)
+                model = GPT(cfg)
+                if name == "sharded":
+                    model.shard_tables(rank, world)
+                models[name] = model
+            times.update(distributed_step_times(models, steps, batch_size, cfg, rank, world))
+            for name, (model, optimizers) in models.items():
+                held[name] = memory.table_bytes(model, optimizers)
+            del models
+            gc.collect()
+        per_rank = [None] * world
+        torch.distributed.all_gather_object(per_rank, held)
+        if rank == 0:
+            medians = {k: statistics.median(v) for k, v in times.items()}
+            for name in ("replicated", "sharded"):
+                emit(bench="engram_shard", tables=name, ranks=world, rows_per_head=rows,
+                     table_params=table_params(cfg.engram), interleaved=together, batch_per_rank=batch_size,
+                     block=cfg.block_size, step_ms=round(1000 * medians[name], 1),
+                     vs_replicated=round(medians[name] / medians["replicated"], 3),
+                     table_bytes_per_rank=[r[name]["table"] for r in per_rank],
+                     optimizer_bytes_per_rank=[r[name]["optimizer"] for r in per_rank],
+                     fraction_of_whole=round(per_rank[0][name]["table"] / (table_params(cfg.engram) * 4), 4))
+    torch.distributed.destroy_process_group()
+
+
+def distributed_step_times(models, steps, batch_size, cfg, rank, world, warmup=2):
+    """{name: [seconds per step]} as train.py takes a DDP step: forward, backward, the table gradients
+    (all-gathered, or exchanged inside the sharded lookup), clipping by the global norm, the optimizers.
+    Replaces each model in models by (model, its optimizers)."""
+    contenders = {}
+    for name, model in models.items():
+        optimizers = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))
+        ddp = wrap_ddp(model, "cpu", skip=model.sparse_param_names())
+        contenders[name] = (model, ddp, optimizers, [t.weight for t in memory.sharded_params(model).values()])
+        models[name] = (model, optimizers)
+    times = {k: [] for k in contenders}
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(steps + warmup):
+        x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen)
+        for name, (model, ddp, optimizers, sharded) in contenders.items():
+            torch.distributed.barrier()  # both ranks start the step together: the time is the slower rank's
+            t0 = time.perf_counter()
+            _, loss = ddp(x[:, :-1], x[:, 1:])
+            loss.backward()
+            model.average_sparse_grads()
+            clip_grad_norm(model.parameters(), 1.0, sharded)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            torch.distributed.barrier()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def memory_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def bench_offload(rows=2**20, new_tokens=96, rounds=5, device="cpu", preset="cpu"):
+    """Decoding tokens/s of one CPU preset model (2^20 rows per head: 537 MB of table) with its tables resident,
+    in host memory ('host') and memory-mapped from a file ('disk', with the file's pages in the page cache,
+    and dropped from it before each run: 'disk-cold'), the contenders taking turns run by run; and how
+    much of the row-gathering time the prefetch thread hid behind the blocks in front of the Engram layer."""
+    torch.manual_seed(0)
+    cfg = preset_model(preset, engram="on", engram_rows_per_head=rows)
+    resident = GPT(cfg).eval()
+    tables = {n: p.detach() for n, p in resident.named_parameters() if n.endswith(".engram.table.weight")}
+    state = {k: v for k, v in resident.state_dict().items() if k not in tables}
+    folder = tempfile.mkdtemp(prefix="bench-engram-")
+    memory.write_table_file(folder, tables)
+    files = memory.open_table_file(folder, tables)
+    contenders = {}
+    for where in ("host", "disk", "disk-cold"):
+        model = GPT(cfg, table_device="meta")
+        model.load_state_dict(state, strict=False)
+        model.offload_tables(where.split("-")[0], device, tables if where == "host" else files)  # pinned on a GPU
+        contenders[where] = model.to(device).eval()
+    contenders = {"resident": resident.to(device), **contenders}
+    prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)  # 16 + new_tokens within block_size: no window slides
+    times = {k: [] for k in contenders}
+    for r in range(rounds + 1):  # round 0 warms up (and reads the file into the page cache)
+        for name, model in contenders.items():
+            if name == "disk-cold":  # the file's pages out of the page cache: every row read from the disk
+                fd = os.open(os.path.join(folder, memory.TABLE_FILE), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            for t in memory.offloaded_tables(model):
+                t.fetch_s = t.wait_s = 0.0
+            t0 = time.perf_counter()
+            list(model.generate(prompt, new_tokens, temperature=0))  # each token's .item() waits for the device
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    stats = {name: memory.prefetch_stats(model) for name, model in contenders.items()}  # the last round's run
+    tokens = {name: torch.cat(list(model.generate(prompt, 8, temperature=0)), 1) for name, model in contenders.items()}
+    for name in contenders:
+        seconds, fetched = statistics.median(times[name]), stats[name]
+        emit(bench="engram_offload_decode", tables=name, rows_per_head=rows, table_mb=round(
+             sum(t.numel() for t in tables.values()) * 4 / 1e6), new_tokens=new_tokens, device=device,
+             tok_per_s=round(new_tokens / seconds, 1), vs_resident=round(statistics.median(times["resident"]) / seconds, 3),
+             **({"gather_ms_per_token": round(1000 * fetched["fetch_s"] / new_tokens, 3),
+                 "wait_ms_per_token": round(1000 * fetched["wait_s"] / new_tokens, 3),
+                 "prefetch_hidden": round(fetched["hidden"], 3)} if fetched["hidden"] is not None else {}),
+             same_tokens=torch.equal(tokens[name], tokens["resident"]))
+    for name in memory.TABLE_FILE, memory.MANIFEST:
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -347,6 +497,8 @@ def main(argv=None):
         bench_engram_scaling(steps=cfg.steps or 8, device=device)
     elif cfg.mhc:
         bench_mhc(steps=cfg.steps or 10, device=device)
+    elif cfg.engram_memory:
+        bench_engram_memory(steps=cfg.steps or 5, device=device)
     else:
         bench_kv_cache()
         bench_train_speed(steps=cfg.steps or 20, device=device)

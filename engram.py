@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli  # check_numbers: the checks every config's numbers get
 import kernels  # the hash-and-gather of §2-3: a Triton kernel on a GPU, plain PyTorch otherwise
 import memory  # tables that do not live whole on the model's device: sharded, in host memory, on disk
 
@@ -44,6 +45,7 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
     engram_sparse: bool = True                  # train the tables sparsely: only the rows a batch looked up (§3)
 
     def __post_init__(self):
+        cli.check_numbers(self, nonneg=("engram_lr_mult", "engram_weight_decay"), seeds=("engram_seed",))
         orders = self.ngram_orders
         if not orders or min(orders) < 1 or len(set(orders)) != len(orders):
             raise ValueError(f"ngram_orders={','.join(map(str, orders))} must be distinct orders >= 1, e.g. 2,3")
@@ -362,4 +364,4 @@ class Engram(nn.Module):
         dist.all_gather(all_values, values)
         rows = torch.cat([r[:int(n)] for r, n in zip(all_rows, counts)])  # (sum of counts,)
         values = torch.cat([v[:int(n)] for v, n in zip(all_values, counts)]) / world  # (sum of counts, head_dim)
-        self.table.weight.grad = torch.sparse_coo_tensor(rows[None], values, grad.shape)
+        self.table.weight.grad = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False)

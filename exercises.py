@@ -72,7 +72,7 @@ EXERCISES = [
               "tests/test_moe.py::test_matches_per_token_reference",
               "tests/test_moe.py::test_idle_experts_are_fine"),
              "choose top-k of scores + bias within the best groups (-inf elsewhere); the weights come from "
-             "the unbiased scores, normalised for sigmoid"),
+             "the unbiased scores, normalised unless softmax"),
     Exercise("moe-bias-update", "4: DeepSeekMoE", "moe.py", ("MoE.update_bias",),
              ("tests/test_moe.py::test_update_bias_moves_each_expert_against_its_load",
               "tests/test_moe.py::test_counts_only_in_training_and_update_is_noop_without_counts",
@@ -108,6 +108,11 @@ EXERCISES = [
               "tests/test_mhc.py::test_mhc_res_map_conserves_the_mean_over_streams"),
              "exp of the logits less their max, then iters times: divide by the column sums + eps, "
              "then by the row sums + eps"),
+    Exercise("shard-requests", "8: Memory beyond one device", "memory.py", ("requests_by_owner",),
+             ("tests/test_shard.py::test_requests_by_owner_groups_each_row_once_by_its_owner",
+              "tests/test_shard.py::test_sharded_training_matches_replicated_with_one_world_th_of_the_table_per_rank"),
+             "torch.unique with return_inverse; the owner of row r is r % world; a stable argsort by owner "
+             "groups the rows; bincount(owner, minlength=world) counts them"),
 ]
 
 

@@ -339,6 +339,8 @@ def write_table_file(out_dir: str, tables: dict):
                     f.write(t[start:start + (1 << 16)].to(torch.float32).contiguous().numpy().tobytes())
                 layout.append({"name": name, "rows": t.shape[0], "dim": t.shape[1], "offset": offset})
                 offset += t.numel() * 4
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before it is named: a crash leaves no half file under the name
         manifest = {"bytes": offset, "dtype": "float32", "tables": layout, "fingerprint": fingerprint(tables)}
         with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -83,3 +83,10 @@ def torchrun(script, *args, nproc=2, timeout=240, env_extra=None):
                     f"left?); its last output:\n{out[-1500:]}\n{err[-1500:]}", pytrace=False)
     skip_if_exercise(proc.stderr)
     return proc
+
+
+def rank_errors(stderr: str) -> str:
+    """For an assert message: each rank's exception line (torchrun prints its own traceback last, which
+    would hide them), then the end of the output."""
+    lines = [line for line in stderr.splitlines() if re.match(r"\[rank\d+\]:\s*\w*(Error|Exception|Interrupt)\b", line)]
+    return "\n".join(lines + [stderr[-1500:]])

@@ -63,6 +63,9 @@ def test_gpu_check_on_cpu_runs_every_step_and_summarises(prepared, tmp_path):
         losses[mode] = last["val_loss"]
         assert f"train --kernels={mode}: 6 steps, final val loss {last['val_loss']:.4f}" in summary
     assert "all steps passed" in summary
+    # Engram's tables in host memory: decoding against resident (the same tokens), and training with them
+    assert "decode with host tables" in summary and "DIFFERENT TOKENS" not in summary
+    assert "train --engram_offload=host: 3 steps" in summary
 
     report = json.loads((out / "summary.json").read_text())
     assert report["ok"] and all(s["ok"] for s in report["steps"])

@@ -18,7 +18,7 @@ import cli
 import memory
 import train
 from engram import EngramConfig, head_table_sizes
-from scripts import ROOT, run, torchrun
+from scripts import ROOT, rank_errors, run, torchrun
 from test_train import TINY, data_flags, read_log
 
 HALF = [a for a in TINY if not a.startswith("--batch_size")]  # each run says its own batch size
@@ -52,7 +52,7 @@ def test_sharded_training_matches_replicated_with_one_world_th_of_the_table_per_
                                           "--grad_clip=0.1"]
     for name, extra in (("rep", []), ("shard", ["--engram_shard=true"])):
         proc = torchrun("train.py", *args, f"--out_dir={tmp_path / name}", *extra)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.returncode == 0, rank_errors(proc.stderr)
     assert "parameters identical on all 2 ranks" in proc.stdout  # the dense parameters still agree
     rep, shard = read_log(tmp_path / "rep"), read_log(tmp_path / "shard")
     assert [r["iter"] for r in shard] == [0, 10, 20, 30]
@@ -79,16 +79,16 @@ def test_a_sharded_run_resumes_on_one_process_and_a_one_process_run_resumes_shar
     common = HALF + data_flags(prepared) + ["--eval_interval=5", "--lr_decay_iters=20"]
     proc = torchrun("train.py", *common, "--max_iters=20", "--batch_size=8", "--engram_shard=true",
                     f"--out_dir={tmp_path / 'whole'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     proc = torchrun("train.py", *common, "--max_iters=10", "--batch_size=8", "--engram_shard=true",
                     f"--out_dir={tmp_path / 'to_one'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     train.main([f"--out_dir={tmp_path / 'to_one'}", "--resume", "--max_iters=20", "--batch_size=16",
                 "--engram_shard=false"])
     train.main(common + ["--max_iters=10", "--batch_size=16", f"--out_dir={tmp_path / 'to_two'}"])
     proc = torchrun("train.py", f"--out_dir={tmp_path / 'to_two'}", "--resume", "--max_iters=20", "--batch_size=8",
                     "--engram_shard=true")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     whole = read_log(tmp_path / "whole")
     for other in ("to_one", "to_two"):
         log = read_log(tmp_path / other)
@@ -104,7 +104,7 @@ def test_sharded_fp16_matches_replicated_and_a_non_finite_loss_stops_every_rank(
     args = HALF + data_flags(prepared) + ["--max_iters=6", "--eval_interval=3", "--batch_size=8", "--dtype=float16"]
     for name, extra in (("rep", []), ("shard", ["--engram_shard=true"])):
         proc = torchrun("train.py", *args, f"--out_dir={tmp_path / name}", *extra)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.returncode == 0, rank_errors(proc.stderr)
     rep, shard = read_log(tmp_path / "rep"), read_log(tmp_path / "shard")
     for a, b in zip(rep, shard):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
@@ -122,7 +122,7 @@ def test_sigterm_saves_a_sharded_run_and_its_resume_is_exact(prepared, tmp_path)
     common = HALF + data_flags(prepared) + ["--eval_interval=4", "--max_iters=60", "--batch_size=8",
                                             "--engram_shard=true"]
     proc = torchrun("train.py", *common, f"--out_dir={tmp_path / 'a'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     out = tmp_path / "b"
     with socket.socket() as s:  # torchrun by hand, in its own session, so that a signal reaches every rank
         s.bind(("127.0.0.1", 0))
@@ -143,7 +143,7 @@ def test_sigterm_saves_a_sharded_run_and_its_resume_is_exact(prepared, tmp_path)
     stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["iter"]
     assert 0 < stopped_at < 60 and read_log(out)[-1]["iter"] == stopped_at, err[-2000:]
     proc = torchrun("train.py", f"--out_dir={out}", "--resume")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     a = {r["iter"]: r["val_loss"] for r in read_log(tmp_path / "a")}
     b = {r["iter"]: r["val_loss"] for r in read_log(out)}
     assert {i: b[i] for i in a} == a
