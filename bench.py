@@ -41,6 +41,7 @@ class BenchConfig:
     steps: int = 0                    # timed steps per model; 0 = 20 (with --engram_scaling: 8 per path and size)
 
     def __post_init__(self):
+        cli.check_numbers(self)
         if self.steps < 0:
             raise ValueError(f"--steps={self.steps}: must be >= 0")
 

@@ -11,6 +11,7 @@ help text is the source and cannot drift from it.
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import sys
@@ -141,6 +142,32 @@ def exit_with_help_if_asked(argv, doc: str, *configs, extra: str = ""):
         sys.exit(0)
 
 
+# ----------------------------------------------------------------------------- numbers
+
+INT_LIMIT = 2**63  # an int must fit int64: what torch's tensors and numpy's integers hold
+
+
+def check_numbers(cfg, nonneg=(), positive=(), seeds=()):
+    """The checks every number of a config gets, called first by each dataclass's __post_init__ (its own
+    fields, not the nested configs', which check themselves): every float finite (no nan or inf), every int
+    within int64, the fields named in nonneg >= 0 and in positive > 0, and seeds in [0, 2^63): numpy's
+    default_rng takes no negative seed, torch.manual_seed none from 2^64 on."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name}={value}: must be a finite number")
+        if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+            raise ValueError(f"--{f.name}={value}: too large (at most 2^63 - 1)")
+        if f.name in seeds and not 0 <= value < INT_LIMIT:
+            raise ValueError(f"--{f.name}={value}: a seed must be between 0 and 2^63 - 1")
+        if f.name in nonneg and value < 0:
+            raise ValueError(f"--{f.name}={value}: must be >= 0")
+        if f.name in positive and not value > 0:
+            raise ValueError(f"--{f.name}={value}: must be > 0")
+
+
 # ----------------------------------------------------------------------------- --help
 
 def field_comments(cls) -> dict:
@@ -181,19 +208,28 @@ def help_text(doc: str, *configs, extra: str = "") -> str:
 
 # ----------------------------------------------------------------------------- the device
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"  # what the project runs on; torch knows more (xpu, meta, hip, ...)
+
+
+def check_device_name(device: str):
+    """--device is one the project supports, by its spelling alone (before torch touches any device)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"--device={device}: not a device this project runs on; expected {DEVICES}")
+
+
 def resolve_device(device: str) -> str:
     """--device: 'auto' becomes cuda when an NVIDIA GPU is present, else mps on an Apple-silicon Mac, else cpu;
-    a device that is not there is an error."""
+    a device that is not there, or one the project does not support (xpu, meta, hip, ...), is an error."""
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device={device}: no CUDA GPU is available; use --device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device=mps: this machine has no Apple GPU; use --device=cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps") from None
     return device
 
 
@@ -240,7 +276,7 @@ def setup_device(device: str, kernel_mode: str, dtype: str = "float32") -> tuple
     return device, dtype
 
 
-def check_fits(n_bytes: int, device: str, what: str):
+def check_fits(n_bytes: int, device: str, what: str, hint: str = ""):
     """Fail now, not after minutes of work, if n_bytes cannot fit in the device's free memory."""
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(device))[0]
@@ -252,5 +288,5 @@ def check_fits(n_bytes: int, device: str, what: str):
     else:
         free = None
     if free is not None and n_bytes > 0.9 * free:  # memory we cannot read is no reason to refuse
-        raise ConfigError(f"{what} need about {n_bytes / 2**30:.1f} GiB, and {device} has "
-                          f"{free / 2**30:.1f} GiB free")
+        raise ConfigError(f"{what} need about {n_bytes / 2**30:,.1f} GiB, and {device} has "
+                          f"{free / 2**30:.1f} GiB free" + (f"; {hint}" if hint else ""))

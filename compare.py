@@ -122,6 +122,10 @@ class CompareConfig:
     quick: bool = False               # the few-minute demonstration: moe and moe+engram, 2 seeds, cpu preset, 200 steps
 
     def __post_init__(self):
+        cli.check_numbers(self, seeds=("seed",))
+        cli.check_device_name(self.device)
+        if self.seed + self.seeds > cli.INT_LIMIT:  # run k trains with --seed=seed+k
+            raise ValueError(f"--seed={self.seed} --seeds={self.seeds}: the last run's seed must stay below 2^63")
         if self.preset not in ("", *PRESETS):
             raise ValueError(f"--preset={self.preset}: expected one of {', '.join(PRESETS)}")
         if self.seeds < 1:
@@ -444,6 +448,7 @@ def summarize_group(g, cfg, vocab_size):
         log = read_log(run_dir)
         curve = {key: [r[key] for r in log] for key in ("iter", "tokens", "elapsed_s", "val_loss")}
         seeds[str(cfg.seed + k)] = {"dir": run_dir, "final_val_loss": log[-1]["val_loss"], "tokens": log[-1]["tokens"],
+                                    "final_val_bpb": log[-1].get("val_bpb"),  # None in a run logged before bpb
                                     "tok_per_s": float(np.mean([r["tok_per_s"] for r in log if r["iter"] > 0])),
                                     "wall_s": log[-1]["elapsed_s"], "curve": curve,
                                     "hc_amax_gain": log[-1].get("hc_amax_gain")}
@@ -462,7 +467,11 @@ def versus_moe(arm, moe):
         return None
     steps = [arm["seeds"][s]["final_val_loss"] - moe["seeds"][s]["final_val_loss"] for s in common]
     times = [equal_time_difference(arm["seeds"][s]["curve"], moe["seeds"][s]["curve"]) for s in common]
-    return {"equal_steps": paired_stat(steps, common), "equal_time": paired_stat(times, common)}
+    out = {"equal_steps": paired_stat(steps, common), "equal_time": paired_stat(times, common)}
+    bpb = [(arm["seeds"][s]["final_val_bpb"], moe["seeds"][s]["final_val_bpb"]) for s in common]
+    if all(a is not None and b is not None for a, b in bpb):  # bits per byte: the same gap, vocabulary-free
+        out["equal_steps_bpb"] = paired_stat([a - b for a, b in bpb], common)
+    return out
 
 
 def paired_stat(differences, seeds):
@@ -505,11 +514,12 @@ def loss_cells(g):
 
 def write_markdown(results, path):
     lines = ["| arm | total params | active params | val loss (mean ± std) | per seed | Δ vs moe, equal steps "
-             "| Δ vs moe, equal wall time | tok/s | wall time |", "|---|---|---|---|---|---|---|---|---|"]
+             "| Δ bits per byte, equal steps | Δ vs moe, equal wall time | tok/s | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in results["arms"].items():
         vs = a.get("vs_moe") or {}
         speed = (f"{a['tok_per_s']:,.0f}", clock(a["wall_s"])) if a["seeds"] else ("—", "—")
-        deltas = fmt_stat(vs.get("equal_steps")), fmt_stat(vs.get("equal_time"))
+        deltas = fmt_stat(vs.get("equal_steps")), fmt_stat(vs.get("equal_steps_bpb")), fmt_stat(vs.get("equal_time"))
         lines.append("| " + " | ".join([name, *params_cells(a), *loss_cells(a), *deltas, *speed]) + " |")
     verdict = results["engram_verdict"]
     if verdict:

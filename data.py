@@ -11,6 +11,7 @@
   4. files: train.bin / val.bin (uint16 model ids, read back as memmaps) and meta.json (counts, mapping).
 Training then draws random windows from the memmaps with `get_batch`.
 """
+import errno
 import gzip
 import http.client
 import json
@@ -58,6 +59,7 @@ class DataConfig:
     max_train_mb: float = 64.0    # use only the first N MiB of the train split; 0 = all of it
 
     def __post_init__(self):
+        cli.check_numbers(self)
         if not self.data_dir:
             raise ValueError("--data_dir is empty; give a folder, e.g. --data_dir=data")
         if self.vocab not in VOCABS:
@@ -294,11 +296,14 @@ def _write_mapped(src: Path, dst: Path, lookup: np.ndarray):
     """dst = lookup[src], chunk by chunk (the full train split need not fit in memory), written atomically."""
     ids = np.memmap(src, dtype=np.uint16, mode="r")
     tmp = dst.with_name(dst.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for i in range(0, len(ids), 16 * MB):
-            lookup[ids[i:i + 16 * MB]].tofile(f)
-    del ids
-    os.replace(tmp, dst)
+    try:
+        with open(tmp, "wb") as f:
+            for i in range(0, len(ids), 16 * MB):
+                lookup[ids[i:i + 16 * MB]].tofile(f)
+        del ids
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def make_data_dir(data_dir: str) -> Path:
@@ -317,6 +322,11 @@ def make_data_dir(data_dir: str) -> Path:
 def source_key(source: str) -> str:
     """--source as meta.json records it: absolute, so another spelling of the same path still matches."""
     return str(Path(source).expanduser().resolve()) if source else ""
+
+
+def write_error(out: Path, err: OSError) -> DataError:
+    return DataError(f"could not write the token files in {out} ({err.strerror or err}"
+                     f"{'; free some space' if err.errno in (errno.ENOSPC, errno.EDQUOT) else ''}); rerun to prepare them")
 
 
 def prepare(cfg: DataConfig) -> dict:
@@ -352,6 +362,8 @@ def prepare(cfg: DataConfig) -> dict:
         (out / "meta.json").unlink(missing_ok=True)
         for split in SPLITS:
             _write_mapped(tmp[split], out / f"{split}.bin", lookup)
+    except OSError as err:  # a full disk, most often: one line, and no half-written token file left behind
+        raise write_error(out, err) from None
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
@@ -376,8 +388,12 @@ def prepare(cfg: DataConfig) -> dict:
         "gpt2_ids": gpt2_ids.tolist() if unk_id is not None else None,  # model id i = gpt2 id gpt2_ids[i]
     }
     tmp_meta = out / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, out / "meta.json")
+    try:
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, out / "meta.json")
+    except OSError as err:
+        tmp_meta.unlink(missing_ok=True)
+        raise write_error(out, err) from None
     print(f"data: train {meta['train_stories']:,} stories, {n_tokens['train']:,} tokens; "
           f"val {meta['val_stories']:,} stories, {n_tokens['val']:,} tokens")
     if unk_id is not None:

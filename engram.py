@@ -19,6 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,9 +38,13 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
     engram_dim_per_order: int = 64              # split across that order's heads
     engram_rows_per_head: int = 4099            # approximate; each head gets a distinct prime >= this
     engram_kernel_size: int = 4                 # short conv kernel w
+    engram_short_conv: bool = True              # short conv branch (§2.3); false = DeepSeek-V4.1 (no ShortConv)
     engram_compress: bool = True                # tokenizer compression (§2.2)
     engram_gate: bool = True                    # context-aware gate (§2.3); off = plain additive memory
-    engram_seed: int = 0                        # seeds the hash multipliers
+    engram_seed: int = 0                        # seeds the hash multipliers ('demo' hash only)
+    engram_hash: str = "demo"                   # hash multipliers: 'demo' (DeepSeek's demo: one torch draw seeded by
+                                                # engram_seed) | 'v41' (DeepSeek-V4.1: numpy default_rng(10007 x
+                                                # block index) per layer, up to int64 max / V'; same hash formula)
     engram_lr_mult: float = 5.0                 # tables: Adam lr x 5 (paper's setting)
     engram_weight_decay: float = 0.0            # tables: no weight decay (paper's setting)
     engram_sparse: bool = True                  # train the tables sparsely: only the rows a batch looked up (§3)
@@ -54,6 +59,13 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
                              f"engram_heads_per_order={self.engram_heads_per_order} heads")
         if self.engram_rows_per_head < 2 or self.engram_kernel_size < 1:
             raise ValueError("engram_rows_per_head must be >= 2 and engram_kernel_size >= 1")
+        if not isinstance(self.engram_short_conv, bool):
+            raise ValueError(f"--engram_short_conv={self.engram_short_conv}: expected true or false")
+        if self.engram_hash not in ("demo", "v41"):
+            raise ValueError(f"--engram_hash={self.engram_hash}: expected demo or v41")
+        if self.engram_hash == "v41" and self.engram_seed:
+            raise ValueError(f"--engram_seed={self.engram_seed}: unused by --engram_hash=v41 (it seeds each layer "
+                             "with 10007 x its block index); leave it at 0")
         if self.engram_sparse and self.engram_weight_decay:
             raise ValueError(f"--engram_weight_decay={self.engram_weight_decay} needs --engram_sparse=false: "
                              "the sparse (lazy Adam) table update has no weight decay")
@@ -172,7 +184,17 @@ def head_table_sizes(cfg: EngramConfig) -> list[list[int]]:
 def hash_multipliers(cfg: EngramConfig, n_canonical: int) -> torch.Tensor:
     """(L, max_order) odd int64 multipliers, a fresh draw per layer so that each layer's hash is
     independent. Bounded so that c * m < 2**62 for every id c <= pad id (= n_canonical): the
-    products cannot overflow int64 and the XOR of them stays non-negative."""
+    products cannot overflow int64 and the XOR of them stays non-negative.
+
+    engram_hash='v41' is DeepSeek-V4.1's rule instead (transformers' deepseek_v41 compute_hash_multipliers): for
+    the layer in block L, numpy's default_rng(10007 * L) draws max_order integers in [0, (2**63 - 1) // V' // 2),
+    each then 2x + 1. Then c * m <= V' * ((2**63 - 1) // V' - 1) < 2**63 - V' for every id c <= pad id (= V'):
+    still no overflow, and still a non-negative XOR. The hash formula is the same, only these constants differ."""
+    if cfg.engram_hash == "v41":
+        bound = max(1, (2**63 - 1) // n_canonical // 2)
+        rows = [np.random.default_rng(10007 * layer).integers(0, bound, size=max(cfg.ngram_orders), dtype=np.int64)
+                for layer in cfg.engram_layers]
+        return 2 * torch.tensor(np.array(rows, dtype=np.int64).reshape(len(rows), -1)) + 1
     bound = 2**62 // (n_canonical + 1)
     gen = torch.Generator().manual_seed(cfg.engram_seed)
     half = torch.randint(0, bound // 2, (len(cfg.engram_layers), max(cfg.ngram_orders)), generator=gen)
@@ -285,7 +307,8 @@ class Engram(nn.Module):
             self.key_proj = nn.Linear(d_mem, n_streams * dim, bias=False)  # every stream's W_K, side by side
             self.key_norm = StreamRMSNorm(n_streams, dim)
             self.hidden_norm = StreamRMSNorm(n_streams, dim)
-        self.short_conv = ShortConv(dim, cfg.engram_kernel_size, max(cfg.ngram_orders), n_streams)
+        self.short_conv = ShortConv(dim, cfg.engram_kernel_size, max(cfg.ngram_orders), n_streams) \
+            if cfg.engram_short_conv else None  # DeepSeek-V4.1 has none: Y = V~
         self.last_gate = None  # (B, T, n) gates of the last forward, detached (for sample.py --show_gates)
         self.reset_parameters()
 
@@ -296,7 +319,8 @@ class Engram(nn.Module):
         this scale, and a small scale keeps the value branch a small perturbation of the
         residual stream at init. The conv is zero so the conv branch starts at exactly 0."""
         nn.init.normal_(self.table.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(self.short_conv.conv.weight)
+        if self.short_conv is not None:
+            nn.init.zeros_(self.short_conv.conv.weight)
 
     def forward(self, h, context, cache: dict | None = None):
         # h (B, T, n, dim) hidden states of the n streams, context (B, P+T) canonical ids
@@ -315,6 +339,8 @@ class Engram(nn.Module):
             value = gate[..., None] * value  # (B, T, n, dim)  v~_t^(m) = alpha_t^(m) v_t
         else:
             value = value.expand(-1, -1, self.n_streams, -1)  # (B, T, n, dim)  the same memory for each stream
+        if self.short_conv is None:  # --engram_short_conv=false (DeepSeek-V4.1): the gated memory alone
+            return value
         return value + self.short_conv(value, cache)  # (B, T, n, dim)
 
     def rows_of(self, context):

@@ -2,9 +2,11 @@
 (checkpoint, log.jsonl, loss.png, gates.png) and its processes (DDP ranks, stop signals).
 sample.py and compare.py read and write the same files through it.
 """
+import errno
 import inspect
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -56,16 +58,139 @@ def plain_name(key: str) -> str:
     return key
 
 
-def prepare_out_dir(cfg):
-    """Fail before any work if out_dir cannot be written, or if a fresh start would replace a run there."""
+# The only files the scripts write into a run folder (and their .tmp while being written). A folder is a run of
+# this project if it holds one of RUN_MARKS; the scripts touch nothing else in it, and no folder that is not
+# a run, empty or new. LOCK holds the pid of the run training there; REPLACED the run --overwrite replaced.
+RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json", "loss.png", "gates.png", "engram_tables.bin", "engram_tables.json")
+RUN_MARKS = ("ckpt.pt", "log.jsonl", "config.json")
+LOCK, REPLACED = ".lock", ".replaced"
+
+
+def own_file(name: str) -> bool:
+    """A name this project writes into a run folder: its files, their .tmp, the lock, the replaced run."""
+    return name in RUN_FILES or name.removesuffix(".tmp") in RUN_FILES or name in (LOCK, REPLACED, ".DS_Store") \
+        or name.startswith(".write-test-")
+
+
+def check_out_dir(cfg):
+    """Before any work, and changing nothing but the lock: out_dir can be written; it is new, empty or a run
+    of this project (not a folder of other files); a fresh start would not replace a run without
+    --overwrite=true; and no other process trains there. Then this process holds its lock (release_lock)."""
     check_writable_dir(cfg.out_dir, "out_dir")
     names = set(os.listdir(cfg.out_dir))
+    foreign = sorted(n for n in names if not own_file(n))
+    if foreign and not names & set(RUN_MARKS):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"--out_dir={cfg.out_dir} is not empty and holds no nano-engram run ({shown}); "
+                          "choose a new or empty folder")
     if not cfg.resume and names & {"ckpt.pt", "log.jsonl"} and not cfg.overwrite:
         raise ConfigError(f"--out_dir={cfg.out_dir} holds a run already; continue it with --resume, choose "
                               "another --out_dir, or replace it with --overwrite=true")
+    take_lock(cfg.out_dir)
+
+
+def begin_run(cfg):
+    """Once the new run is known to start (checked, data ready, model built): the .tmp files of a save cut
+    short go, and a fresh start (--overwrite=true) moves the old run's files into out_dir/.replaced (which
+    the next --overwrite=true empties), so that an error before this point leaves the old run as it was."""
+    names = os.listdir(cfg.out_dir)
     for name in names:
-        if name.endswith(".tmp") or (not cfg.resume and name in ("ckpt.pt", "log.jsonl", "loss.png")):
-            os.remove(os.path.join(cfg.out_dir, name))  # .tmp: a save cut short by a crash or a full disk
+        if name.endswith(".tmp") and own_file(name):
+            os.remove(os.path.join(cfg.out_dir, name))
+    old = [n for n in names if n in RUN_FILES]
+    if cfg.resume or not old:
+        return
+    aside = os.path.join(cfg.out_dir, REPLACED)
+    try:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.makedirs(aside)
+        for name in old:
+            os.replace(os.path.join(cfg.out_dir, name), os.path.join(aside, name))
+    except OSError as e:
+        raise ConfigError(f"--overwrite=true: could not move the old run aside into {aside} ({e.strerror or e})") from None
+    print(f"note: --overwrite=true: the run that was in {cfg.out_dir} is now in {aside} (until the next --overwrite)")
+
+
+# ----------------------------------------------------------------------------- the run folder's lock
+
+HELD_LOCKS = set()  # the lock files this process took
+
+
+def lock_holder(out_dir: str):
+    """The pid of another live process holding out_dir's lock, or None (no lock, or a stale one: its
+    process has ended, or it is this process's own from an earlier run)."""
+    path = os.path.join(out_dir, LOCK)
+    for _ in range(2):  # a lock being written this instant may be empty for a moment
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        if text:
+            break
+        time.sleep(0.1)
+    try:
+        pid = int(text)
+    except ValueError:
+        return None
+    if pid == os.getpid() or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, owned by someone else
+        return pid
+    return pid
+
+
+def check_unlocked(out_dir: str):
+    if (pid := lock_holder(out_dir)) is not None:
+        raise ConfigError(f"--out_dir={out_dir} is in use: process {pid} is training there (its lock is "
+                          f"{os.path.join(out_dir, LOCK)}); wait for it to end, or stop it")
+
+
+def take_lock(out_dir: str):
+    """out_dir/.lock, created only if absent (O_CREAT | O_EXCL), holding this process's pid; a stale one is
+    taken over, a live one is a one-line error naming its pid."""
+    path = os.path.join(out_dir, LOCK)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            check_unlocked(out_dir)
+            try:
+                os.remove(path)  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            raise ConfigError(f"--out_dir={out_dir}: cannot create its lock {path} ({e.strerror or e})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        HELD_LOCKS.add(os.path.abspath(path))
+        return
+    raise ConfigError(f"--out_dir={out_dir}: another process keeps taking its lock {path}; try again")
+
+
+def release_lock(out_dir: str):
+    """Remove out_dir's lock if this process took it (every exit of train.train, errors and signals too)."""
+    path = os.path.abspath(os.path.join(out_dir, LOCK))
+    if path not in HELD_LOCKS:
+        return
+    HELD_LOCKS.discard(path)
+    try:
+        with open(path) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def interrupt(signum, frame):
+    """A SIGTERM handler for start-up (before train.py's loop has its StopRequest): stop like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def restore(ckpt, model, optimizers, rng, scaler):
@@ -114,16 +239,48 @@ def read_log(path: str) -> list:
     return records
 
 
+def full_disk_error(path: str, e: OSError) -> ConfigError:
+    """The one line for a file that could not be written: a full disk (ENOSPC), a quota, a read-only folder."""
+    hint = "; free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return ConfigError(f"could not write {path} ({e.strerror or e}{hint}); its previous contents are kept")
+
+
+def write_atomic(path: str, data: bytes):
+    """path's new contents go to path.tmp, which then replaces it: a crash or a full disk leaves the old
+    file whole (and no .tmp); a one-line ConfigError if it cannot be written."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise full_disk_error(path, e) from None
+
+
 def append_log(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record more in log.jsonl, by rewriting it through a temporary file (the log is one line per
+    evaluation: small), so that a full disk never leaves a half line; the old lines stay as they were."""
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+    if old and not old.endswith(b"\n"):  # a line cut short by a crash: the new record starts its own line
+        old += b"\n"
+    write_atomic(path, old + (json.dumps(record) + "\n").encode())
 
 
 def trim_log(path: str, last_iter: int):
-    """On resume, drop the records written after the checkpoint: those steps will be redone."""
+    """On resume, drop the records written after the checkpoint: those steps will be redone (atomically)."""
+    if not os.path.exists(path):  # a fresh run: log.jsonl appears with its first record
+        return
     records = [r for r in read_log(path) if r["iter"] <= last_iter]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    kept = "".join(json.dumps(r) + "\n" for r in records).encode()
+    with open(path, "rb") as f:
+        if f.read() == kept:
+            return
+    write_atomic(path, kept)
 
 
 def plot_losses(records: list, path: str):
@@ -140,8 +297,20 @@ def plot_losses(records: list, path: str):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str, **kwargs):
+    """A PNG written atomically (through path.tmp), closing the figure; one line if the disk is full."""
+    try:
+        fig.savefig(path + ".tmp", format="png", dpi=110, **kwargs)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise full_disk_error(path, e) from None
+    finally:
+        plt.close(fig)
 
 
 def save_evaluation(out_dir: str, record: dict, state: dict) -> str:
@@ -177,8 +346,7 @@ def plot_gates(gates: dict, pieces: list, png_path: str):
     axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory let in, dark = gated out)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, png_path, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- processes: DDP and stop signals

@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli  # check_numbers: the checks every config's numbers get
+
 
 @dataclass
 class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique across configs
@@ -52,8 +54,13 @@ class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique acr
     hc_sinkhorn_start: str = "exp"    # 'exp' (the paper's) | 'softmax' (DeepSeek-V4's code: softmax + hc_eps)
     hc_pre_eps: bool = False          # add hc_eps to every read weight (H_pre, the dynamic collapse), as V4's code
     hc_collapse: str = "static"       # 'static' learned weights | 'dynamic' from the streams (V4's HyperHead)
+    hc_init: str = "mhc"              # 'mhc' (a = hc_init_scale, the read preferring one stream, H_post 1, H_res near I)
+                                      # | 'v4' (DeepSeek-V4's: a = 1, every bias 0: H_pre 1/2, H_post 1, H_res 1/n)
+                                      # | 'spread' ('mhc' with distinct write gains: the streams differ from step 1)
+    hc_lr_mult: float = 1.0           # mHC's parameters: Adam lr x this (phi decayed like every matrix; a, b never)
 
     def __post_init__(self):
+        cli.check_numbers(self)
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 0:
             raise ValueError(f"--hc_mult={self.hc_mult} must be >= 1 and --hc_sinkhorn_iters="
                              f"{self.hc_sinkhorn_iters} >= 0")
@@ -67,6 +74,17 @@ class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique acr
             raise ValueError(f"--hc_pre_eps={self.hc_pre_eps}: expected true or false")
         if self.hc_collapse not in ("static", "dynamic"):
             raise ValueError(f"--hc_collapse={self.hc_collapse}: expected static or dynamic")
+        if self.hc_init not in HC_INITS:
+            raise ValueError(f"--hc_init={self.hc_init}: expected {', '.join(HC_INITS)}")
+        if self.hc_init == "v4" and self.hc_sinkhorn_iters == 0:
+            raise ValueError("--hc_init=v4: needs --hc_sinkhorn_iters >= 1 (its b_res = 0 would make an "
+                             "unconstrained H_res the zero map)")
+        if not self.hc_lr_mult >= 0:
+            raise ValueError(f"--hc_lr_mult={self.hc_lr_mult}: must be >= 0 (0 freezes mHC's maps at their init)")
+
+
+HC_INITS = ("mhc", "v4", "spread")
+SPREAD = 0.5  # --hc_init=spread: the write gains H_post run from 1 - SPREAD to 1 + SPREAD over the streams
 
 
 # -----------------------------------------------------------------------------
@@ -95,6 +113,14 @@ def sinkhorn_softmax_start(logits, iters: int, eps: float = 1e-6):
         m = m / (m.sum(dim=-2, keepdim=True) + eps)  # columns
         m = m / (m.sum(dim=-1, keepdim=True) + eps)  # rows
     return m
+
+
+def stream_diversity(x) -> float:
+    """How different the n streams are: the mean over tokens and streams of |x_m - mean_m x_m| / |mean_m x_m|,
+    x (B, T, n, C). 0 while the streams are copies; mHC only adds something once this grows."""
+    x = wide(x.detach())
+    mean = x.mean(dim=2, keepdim=True)  # (B, T, 1, C)
+    return float(((x - mean).norm(dim=-1) / mean.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
 def amax_gain(h):
@@ -155,10 +181,14 @@ class StreamCollapse(nn.Module):
             if dim is None:
                 raise ValueError("--hc_collapse=dynamic: StreamCollapse needs the model width (dim)")
             self.phi = nn.Linear(n * dim, n, bias=False)  # GPT.init_weights draws it N(0, 0.02)
-            self.scale = nn.Parameter(torch.full((1,), self.cfg.hc_init_scale))
-            self.bias = nn.Parameter(torch.full((n,), -math.log(n - 1)))  # sigmoid(b) = 1/n: the mean
+            v4 = self.cfg.hc_init == "v4"  # V4's HyperHead: a = 1, b = 0 (weights 1/2, the final norm rescales)
+            self.scale = nn.Parameter(torch.full((1,), 1.0 if v4 else self.cfg.hc_init_scale))
+            self.bias = nn.Parameter(torch.full((n,), 0.0 if v4 else -math.log(n - 1)))  # sigmoid(b) = 1/n: the mean
         elif n > 1:
             self.weight = nn.Parameter(torch.full((n,), 1.0 / n))
+
+    def custom_param_groups(self) -> list[dict]:
+        return hc_param_groups(self)  # --hc_lr_mult, as HyperConnection's
 
     def forward(self, x):
         if self.dynamic:
@@ -176,14 +206,53 @@ class StreamCollapse(nn.Module):
 RES_OFF_DIAGONAL = -4.0  # mHC's b_res off the diagonal: exp(-4) = 0.018, so SK(b_res) starts near the identity
 
 
+def initial_biases(n: int, cfg: MHCConfig, sublayer: int) -> torch.Tensor:
+    """(2n + n^2,) b_pre, b_post, b_res at init, by --hc_init.
+    mhc: the static read prefers stream (sublayer mod n), as Hyper-Connections read stream k mod n in layer k;
+         H_post = 2 sigmoid(0) = 1; SK(b_res) near the identity (b_res = I itself when unconstrained).
+    v4:  DeepSeek-V4's (transformers' DeepseekV4PreTrainedModel._init_weights): every bias 0, so H_pre = 1/2
+         for each stream, H_post = 1 and H_res = SK(0) = 1/n everywhere (each stream the streams' mean).
+    spread: mhc with the write gains H_post = 1 - SPREAD ... 1 + SPREAD (mean 1) over the streams. At equal
+         streams it is the only map that can make them differ: the pre-norm undoes any read weights' scale
+         and a doubly stochastic H_res maps equal streams to themselves, so the gradient cannot split the
+         streams (HyperConnection's docstring), but unequal writes split them at the first sublayer."""
+    if cfg.hc_init == "v4":
+        return torch.zeros(2 * n + n * n)
+    pre = torch.full((n,), -1.0)
+    pre[sublayer % n] = 1.0  # sigmoid: 0.73 for that stream, 0.27 for the others
+    post = torch.zeros(n)  # 2 sigmoid(0) = 1
+    if cfg.hc_init == "spread":
+        gains = torch.linspace(1 - SPREAD, 1 + SPREAD, n)  # (n,) H_post at init
+        post = torch.log(gains / (2 - gains))  # 2 sigmoid(b) = g  <=>  b = logit(g / 2)
+    eye = torch.eye(n)
+    res = eye if cfg.hc_sinkhorn_iters == 0 else RES_OFF_DIAGONAL * (1 - eye)  # unconstrained: H_res = I
+    return torch.cat([pre, post, res.flatten()])
+
+
+def hc_param_groups(module) -> list[dict]:
+    """A HyperConnection's or StreamCollapse's optimizer groups under --hc_lr_mult != 1: phi (a matrix) with
+    the model's weight decay (None: GPT.configure_optimizers fills it in), the scales a and biases b without."""
+    mult = module.cfg.hc_lr_mult
+    params = [p for p in module.parameters() if p.requires_grad]
+    if mult == 1 or not params:
+        return []
+    matrices, vectors = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    return [g for g in ({"params": matrices, "lr_mult": mult, "weight_decay": None, "sparse": False},
+                        {"params": vectors, "lr_mult": mult, "weight_decay": 0.0, "sparse": False}) if g["params"]]
+
+
 class HyperConnection(nn.Module):
     """The maps around one sublayer: read(x) gives the sublayer's input, write(x, y, maps) the new streams.
 
-    Initialisation breaks the streams' symmetry as the sources do: phi is random (DeepSeek-V4), so the maps
-    differ a little per stream from the first step, and the static read prefers stream (sublayer mod n)
-    (Hyper-Connections read stream k mod n in layer k). H_post starts at 1 and H_res near the identity, so
-    each stream starts as the plain residual stream. With one stream all maps are 1 and there is nothing
-    to learn: read and write are the plain residual, exactly."""
+    Initialisation (--hc_init=mhc) as the sources: phi random (DeepSeek-V4), the static read preferring stream
+    (sublayer mod n) (Hyper-Connections read stream k mod n in layer k), H_post at 1, H_res near the identity,
+    so each stream starts as the plain residual stream. This does NOT break the streams' symmetry: they start as
+    copies, and while they are copies the read's pre-norm makes it scale-invariant and a doubly stochastic
+    H_res maps equal streams to themselves, so the read weights and H_res get (near) zero gradient and every
+    write gain the same one (an independent review measured 5e-17 and 9e-13, and streams within 1-4% of
+    their mean after 200 steps). stream_diversity measures it (log.jsonl: hc_stream_diversity);
+    --hc_init=spread breaks the symmetry with unequal write gains (initial_biases). With one
+    stream all maps are 1 and there is nothing to learn: read and write are the plain residual, exactly."""
 
     def __init__(self, dim: int, cfg: MHCConfig, sublayer: int):
         super().__init__()
@@ -194,13 +263,14 @@ class HyperConnection(nn.Module):
             return
         if cfg.hc_dynamic:
             self.phi = nn.Linear(n * dim, 2 * n + n * n, bias=False)  # GPT.init_weights draws it N(0, 0.02)
-        self.scale = nn.Parameter(torch.full((3,), cfg.hc_init_scale))  # a_pre, a_post, a_res
-        pre = torch.full((n,), -1.0)
-        pre[sublayer % n] = 1.0  # sigmoid: 0.73 for that stream, 0.27 for the others
-        post = torch.zeros(n)  # 2 sigmoid(0) = 1
-        eye = torch.eye(n)
-        res = eye if cfg.hc_sinkhorn_iters == 0 else RES_OFF_DIAGONAL * (1 - eye)  # unconstrained: H_res = I
-        self.bias = nn.Parameter(torch.cat([pre, post, res.flatten()]))  # b_pre, b_post, b_res
+        self.scale = nn.Parameter(torch.full((3,), 1.0 if cfg.hc_init == "v4" else cfg.hc_init_scale))  # a_pre, a_post, a_res
+        self.bias = nn.Parameter(initial_biases(n, cfg, sublayer))  # b_pre, b_post, b_res
+
+    def custom_param_groups(self) -> list[dict]:
+        """--hc_lr_mult != 1: this connection's parameters in groups of their own (GPT.configure_optimizers):
+        phi decayed as the model's matrices are (weight_decay None), a and b never. At 1 they stay in the
+        model's groups, so that runs and checkpoints are exactly those of before the option."""
+        return hc_param_groups(self)
 
     def maps(self, x):
         """x (B, T, n, C) -> H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n), in float32 whatever

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli  # check_numbers: the checks every config's numbers get
 import kernels  # one-token absorbed decode: PyTorch, or a Triton split-KV kernel on a GPU
 
 
@@ -56,6 +57,7 @@ class MLAConfig:
     v_head_dim: int = 32           # d_h of the values
 
     def __post_init__(self):
+        cli.check_numbers(self)
         if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim < 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 2 (RoPE rotates pairs)")
         for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):

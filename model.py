@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli  # check_numbers: the checks every config's numbers get
 from engram import Engram, EngramConfig, TokenizerCompression
-from mhc import HyperConnection, MHCConfig, StreamCollapse, composite_amax_gain, expand_streams
+from mhc import HyperConnection, MHCConfig, StreamCollapse, composite_amax_gain, expand_streams, stream_diversity
 from mla import MLA, MLAConfig, apply_rope, rope_cos_sin
 from moe import MoE, MoEConfig, SwiGLU
 
@@ -44,6 +45,7 @@ class GPTConfig:
     mhc: MHCConfig = field(default_factory=MHCConfig)
 
     def __post_init__(self):
+        cli.check_numbers(self)
         if self.attn not in ("mha", "mla"):
             raise ValueError(f"--attn={self.attn}: expected mha or mla")
         if self.ffn not in ("dense", "moe"):
@@ -144,6 +146,7 @@ class Block(nn.Module):
                                                                                          table_device)
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
+        self.last_diversity = None  # with n streams: mhc.stream_diversity of the last forward's output
 
     def forward(self, x, context=None, cache=None, start_pos=0):
         # x (B, T, n, C); context (B, P+T) canonical ids for Engram (None in a model without it)
@@ -153,7 +156,10 @@ class Block(nn.Module):
         y = self.attn(self.attn_norm(h)[:, :, 0], None if cache is None else cache.setdefault("attn", {}), start_pos)
         x = self.attn_hc.write(x, y, maps)
         h, maps = self.ffn_hc.read(x)
-        return self.ffn_hc.write(x, self.ffn(self.ffn_norm(h)[:, :, 0]), maps)
+        x = self.ffn_hc.write(x, self.ffn(self.ffn_norm(h)[:, :, 0]), maps)
+        if x.shape[2] > 1:
+            self.last_diversity = stream_diversity(x)
+        return x
 
 
 class Cache:
@@ -245,6 +251,12 @@ class GPT(nn.Module):
             return None
         return composite_amax_gain([hc.last_res for b in self.blocks for hc in (b.attn_hc, b.ffn_hc)])
 
+    def hc_stream_diversity(self) -> dict | None:
+        """{block: mhc.stream_diversity of its output streams} from the last forward; None with one stream."""
+        if self.cfg.mhc.hc_mult == 1:
+            return None
+        return {str(i): round(b.last_diversity, 5) for i, b in enumerate(self.blocks) if b.last_diversity is not None}
+
     def update_router_biases(self):
         """Aux-loss-free balancing step for every MoE layer (call after optimizer.step()).
         Returns each MoE layer's load statistics, keyed by block index."""
@@ -287,14 +299,17 @@ class GPT(nn.Module):
         """[AdamW] with weight decay on matrices only (norm gains and vectors are not decayed),
         [+ SparseAdam] (lazy Adam) for groups marked sparse, which then touches only the rows
         a batch looked up; train.py steps the list together. A module may ask for its own
-        groups with custom_param_groups(): dicts with 'params', 'lr_mult', 'weight_decay' and
-        'sparse' (Engram's tables: lr x 5, no decay). lr_mult lets train.py's schedule scale each.
+        groups with custom_param_groups(): dicts with 'params', 'lr_mult', 'weight_decay' (None: the
+        model's) and 'sparse' (Engram's tables: lr x 5, no decay; mHC's maps under --hc_lr_mult).
+        lr_mult lets train.py's schedule scale each.
         """
         groups, sparse_groups, claimed = [], [], set()
         for m in self.modules():
             if m is not self and hasattr(m, "custom_param_groups"):
                 for g in m.custom_param_groups():
-                    (sparse_groups if g["sparse"] else groups).append({**g, "lr": learning_rate * g["lr_mult"]})
+                    decay = weight_decay if g["weight_decay"] is None else g["weight_decay"]  # None: the model's
+                    (sparse_groups if g["sparse"] else groups).append({**g, "weight_decay": decay,
+                                                                       "lr": learning_rate * g["lr_mult"]})
                     claimed.update(id(p) for p in g["params"])
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in claimed]
         decay = [p for p in params if p.dim() >= 2]
@@ -306,7 +321,9 @@ class GPT(nn.Module):
         fused = device_type == "cuda"
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
         if sparse_groups:  # same betas and eps; SparseAdam has no weight decay (EngramConfig checks it is 0)
-            optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=learning_rate, betas=betas))
+            # SparseAdam refuses a default lr of 0, though a group's may be 0: every group has its own lr (set
+            # each step by train.py), so a placeholder stands in and --learning_rate=0 trains nothing (frozen)
+            optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=learning_rate or 1e-3, betas=betas))
         return optimizers
 
     def sparse_param_names(self):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli  # check_numbers: the checks every config's numbers get
 import kernels  # the experts' SwiGLU: a per-expert loop, or a Triton grouped GEMM on a GPU
 
 
@@ -53,6 +54,7 @@ class MoEConfig:
     aux_loss_alpha: float = 0.0       # sequence-wise auxiliary loss weight
 
     def __post_init__(self):
+        cli.check_numbers(self, nonneg=("route_scale", "bias_update_speed", "aux_loss_alpha"))
         E, k, groups = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"--score_func={self.score_func}: expected sigmoid, softmax or sqrtsoftplus")

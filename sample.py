@@ -39,6 +39,7 @@ class SampleConfig:
     engram_offload: str = ""          # Engram's tables: '' on the device, 'host' in host memory, 'disk' memory-mapped from out_dir/engram_tables.bin (written once)
 
     def __post_init__(self):
+        cli.check_numbers(self, seeds=("seed",))
         for name in ("num_samples", "temperature", "top_k"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0")
@@ -73,9 +74,9 @@ def load_model(out_dir, device, offload=""):
                               f"{str(e).splitlines()[0][:120]}); retrain it") from None
     if offload == "disk":
         if not os.path.exists(os.path.join(out_dir, memory.MANIFEST)):
-            print(f"note: writing {os.path.join(out_dir, memory.TABLE_FILE)} from the checkpoint, once "
+            memory.write_table_file(out_dir, tables)  # a one-line error, and no note, if it cannot be written
+            print(f"note: wrote {os.path.join(out_dir, memory.TABLE_FILE)} from the checkpoint, once "
                   f"({sum(t.numel() for t in tables.values()) * 4 / 2**20:,.1f} MiB)", file=sys.stderr)
-            memory.write_table_file(out_dir, tables)
         tables = memory.open_table_file(out_dir, tables)
     if offload:
         model.offload_tables(offload, device, tables)
@@ -136,6 +137,9 @@ def show_gates(model, tok, ids, png_path, out=sys.stdout):
         out.write("".join(p + str(min(9, int(v * 10))).translate(SUPERSCRIPT) for p, v in zip(pieces, g.mean(1).tolist())))
         out.write("\n")
         rows.update({f"block {layer}" if n == 1 else f"block {layer} stream {m}": g[:, m] for m in range(n)})
+    if diversity := model.hc_stream_diversity():  # mHC: how far the streams are from their mean, per block
+        out.write("stream diversity (mean |x_m - mean| / |mean|) by block: "
+                  + ", ".join(f"{k}: {v:.4f}" for k, v in diversity.items()) + "\n")
     harness.plot_gates(rows, pieces, png_path)
     out.write(f"gate heatmap written to {png_path}\n")
 
@@ -155,6 +159,19 @@ def main(argv=None):
         prompt_ids = tok.encode(prompt) or [tok.eot_id]  # an empty prompt starts a fresh story
     except cli.ConfigError as e:
         cli.fail(e)
+    except KeyboardInterrupt:
+        cli.fail("interrupted", 130)
+    try:
+        generate(cfg, model, tok, prompt, prompt_ids, gates_png)
+    except KeyboardInterrupt:  # Ctrl-C while a story streams: end its line, then one line on stderr
+        print(flush=True)
+        cli.fail("interrupted", 130)
+    except cli.ConfigError as e:  # --show_gates: the heatmap could not be written
+        cli.fail(e)
+
+
+def generate(cfg, model, tok, prompt, prompt_ids, gates_png):
+    """The samples, streamed to stdout, then the gates of the first one (--show_gates)."""
     if unknown := prompt_ids.count(tok.unk_id):  # unk_id is None in the full gpt2 vocabulary: never counted
         print(f"warning: {unknown} of the prompt's {len(prompt_ids)} tokens are not in the model's vocabulary "
               "and became <unk>", file=sys.stderr)

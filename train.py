@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
@@ -48,7 +50,7 @@ class TrainConfig:
     eval_iters: int = 20              # validation batches per evaluation (fixed windows)
     batch_size: int = 32              # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 3e-3       # peak learning rate, after warmup
+    learning_rate: float = 3e-3       # peak learning rate, after warmup; 0 (with --min_lr=0) = frozen: the steps run, no weight moves
     min_lr: float = 3e-4              # where the cosine decay ends
     warmup_iters: int = 100           # steps of linear warmup
     lr_decay_iters: int = 0           # steps of cosine decay; 0 = max_iters
@@ -62,12 +64,18 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def __post_init__(self):
+        # --learning_rate=0 --min_lr=0 (or one group's, through --engram_lr_mult=0) is allowed and means frozen:
+        # the optimizers step but move nothing (GPT.configure_optimizers gives SparseAdam a placeholder lr)
+        cli.check_numbers(self, seeds=("seed",))
         for name in ("max_iters", "eval_interval", "eval_iters", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
         for name in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"--min_lr={self.min_lr} is above --learning_rate={self.learning_rate}: the decay would "
+                             "raise the rate; give --min_lr <= --learning_rate (0 and 0 freeze the weights)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"--beta1={self.beta1}, --beta2={self.beta2}: each must be in [0, 1)")
         if self.preset not in ("", *PRESETS):
@@ -114,15 +122,27 @@ def rows_for_split(train_tokens: int) -> int:
 
 
 def main(argv=None):
+    # until the loop takes over the signals (harness.StopRequest), SIGTERM stops start-up as Ctrl-C does
+    sigterm = signal.signal(signal.SIGTERM, harness.interrupt)
     try:
         train(build_config(sys.argv[1:] if argv is None else argv))
     except (cli.ConfigError, DataError) as e:
         cli.fail(e, 2)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once; the last checkpoint stays as it was
+    except KeyboardInterrupt:  # Ctrl-C at start-up, or a second one in the loop: the last checkpoint stays as it was
         cli.fail("interrupted; the last checkpoint is kept", 130)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def train(cfg: TrainConfig):
+    """A run in cfg.out_dir (run_training), whose lock (harness.check_out_dir) goes however it ends."""
+    try:
+        return run_training(cfg)
+    finally:
+        harness.release_lock(cfg.out_dir)
+
+
+def run_training(cfg: TrainConfig):
     """Everything a run does, in order: processes, data, model and optimizers, then the loop."""
     ddp, rank, world, cfg.device = harness.init_distributed(cfg.device)
     master, device_type = rank == 0, torch.device(cfg.device).type  # 'cuda', 'cpu' or 'mps'
@@ -132,7 +152,9 @@ def train(cfg: TrainConfig):
         return
     shard = check_table_placement(cfg, ddp, world, master)
     check_tables_fit(cfg.model.engram, "cpu" if cfg.engram_offload else cfg.device, world if shard else 1)
-    harness.on_first_rank(lambda: harness.prepare_out_dir(cfg), ddp)
+    harness.on_first_rank(lambda: harness.check_out_dir(cfg), ddp)  # checks, and takes its lock; changes nothing
+    if master and (note := sinkhorn_note(cfg)):
+        print(note, file=sys.stderr)
 
     # data: prepared once per machine, the token files checked against meta.json, then memory-mapped
     meta = harness.on_first_rank(lambda: load_or_prepare(cfg.data), ddp, per_machine=True) \
@@ -140,6 +162,7 @@ def train(cfg: TrainConfig):
     tok = Tokenizer.from_meta(meta)
     train_tokens, val_tokens = (load_tokens(cfg.data.data_dir, split) for split in ("train", "val"))
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+    check_step_fits(cfg, world if shard else 1)
     block_size = cfg.model.block_size
     # the same validation windows in every run; under DDP each rank scores its part of each batch
     starts = val_starts(len(val_tokens), cfg.eval_iters * cfg.batch_size * world, block_size)
@@ -165,7 +188,8 @@ def train(cfg: TrainConfig):
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # disabled: every call a no-op
     it, tokens_seen, elapsed = harness.restore(ckpt, raw_model, optimizers, rng, scaler) if ckpt else (0, 0, 0.0)
-    if master:
+    if master:  # the run has started: only now is an old run (--overwrite=true) moved aside
+        harness.begin_run(cfg)
         announce(cfg, raw_model, tok, meta, world, it, dtype)
         harness.trim_log(log_path, it)
     if cfg.compile:
@@ -174,11 +198,13 @@ def train(cfg: TrainConfig):
         model = harness.wrap_ddp(model, cfg.device, skip=raw_model.sparse_param_names())
     tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * world
 
-    val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world) if it == 0 else None
+    byte_lengths = token_byte_lengths(tok, cfg.device)  # for bits per byte
+    val_loss, val_bpb = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world, byte_lengths) \
+        if it == 0 else (None, None)
     if it == 0 and master:  # the untrained model's loss anchors every curve
         harness.append_log(log_path, {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None,
-                                      "val_loss": val_loss, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0,
-                                      **hc_record(raw_model)})
+                                      "val_loss": val_loss, "val_bpb": val_bpb, "lr": 0.0, "tok_per_s": 0.0,
+                                      "elapsed_s": 0.0, **hc_record(raw_model)})
     stop, status, overflows_in_a_row = harness.StopRequest(), 0, 0
     window_losses, load_stats, window_skips, window_t0, window_tokens = [], [], 0, time.time(), 0
     # a progress bar only on a terminal (disable=None): in a pipe or a log file it is noise
@@ -245,10 +271,10 @@ def train(cfg: TrainConfig):
             bar.set_postfix(step_loss=f"{step_losses[-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:,.0f}")
 
             if it % cfg.eval_interval == 0 or it == cfg.max_iters or stopping:
-                val_loss = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world)
+                val_loss, val_bpb = evaluate(raw_model, val_tokens, starts, cfg, autocast, rank, world, byte_lengths)
                 elapsed, t_last = elapsed + time.time() - t_last, time.time()  # evaluation is wall time too
                 record = {"iter": it, "tokens": tokens_seen, "train_loss_mean": float(np.mean(window_losses)),
-                          "train_loss_last": step_losses[-1], "val_loss": val_loss, "lr": lr,
+                          "train_loss_last": step_losses[-1], "val_loss": val_loss, "val_bpb": val_bpb, "lr": lr,
                           "tok_per_s": tok_per_s, "elapsed_s": elapsed}
                 if load_stats:  # mean over the window's steps of each MoE layer's max/mean expert load
                     record["moe_max_over_mean"] = {str(k): round(float(np.mean([s[k] for s in load_stats])), 3)
@@ -281,7 +307,7 @@ def train(cfg: TrainConfig):
     if status:
         sys.exit(status)
     if master and val_loss is not None:
-        print(f"done: val loss {val_loss:.4f} after {it:,} steps, {tokens_seen:,} tokens, {elapsed / 60:.1f} min "
+        print(f"done: val loss {val_loss:.4f} ({val_bpb:.4f} bits per byte) after {it:,} steps, {tokens_seen:,} tokens, {elapsed / 60:.1f} min "
               f"({tokens_seen / elapsed:,.0f} tok/s, evaluations included); checkpoint {ckpt_path}, log {log_path}, "
               f"plot {os.path.join(cfg.out_dir, 'loss.png')}")
     return raw_model
@@ -302,24 +328,47 @@ def lr_at(it, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, val_tokens, starts, cfg, autocast, rank=0, world=1):
-    """Mean loss over the fixed validation windows (the same for every run): batches of
-    batch_size * world windows, of which each rank scores its part, then the ranks' mean."""
+def evaluate(model, val_tokens, starts, cfg, autocast, rank=0, world=1, byte_lengths=None):
+    """(mean loss, bits per byte) over the fixed validation windows (the same for every run): batches of
+    batch_size * world windows, of which each rank scores its part, then over the ranks. The loss is the
+    training objective (the MoE balance term included, where on); bits per byte is the cross-entropy alone,
+    summed in bits over the scored targets and divided by their UTF-8 bytes (byte_lengths, per token id),
+    which does not depend on the vocabulary. Targets of 0 bytes (<|endoftext|>, and <unk>, whose bytes are
+    not kept) are left out of both sums, as nanochat does for special tokens."""
     model.eval()
-    losses, B = [], cfg.batch_size
+    losses, bits, n_bytes, B = [], 0.0, 0, cfg.batch_size
     for i in range(0, len(starts), B * world):
         x, y = batch_at(val_tokens, starts[i + rank * B:i + (rank + 1) * B], cfg.model.block_size, cfg.device)
         with autocast:
-            losses.append(model(x, y)[1].item())
+            logits, loss = model(x, y)
+        losses.append(loss.item())
+        if byte_lengths is not None:
+            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+            lengths = byte_lengths[y.flatten()]
+            bits += float((nats * (lengths > 0)).sum()) / math.log(2)
+            n_bytes += int(lengths.sum())
     model.train()
-    return harness.mean_over_ranks(float(np.mean(losses)), world, cfg.device)
+    loss = harness.mean_over_ranks(float(np.mean(losses)), world, cfg.device)
+    if byte_lengths is None:
+        return loss, None
+    bits, n_bytes = (world * harness.mean_over_ranks(v, world, cfg.device) for v in (bits, float(n_bytes)))
+    return loss, bits / max(n_bytes, 1.0)
+
+
+def token_byte_lengths(tok, device) -> torch.Tensor:
+    """(vocab,) the UTF-8 bytes of each token id, 0 for <|endoftext|> and <unk> (bits per byte leaves them out)."""
+    lengths = torch.tensor([len(b) for b in tok.token_bytes()], device=device)
+    for special in (tok.eot_id, tok.unk_id):
+        if special is not None:
+            lengths[special] = 0
+    return lengths
 
 
 def hc_record(model) -> dict:
-    """mHC's log field: the composite H_res's Amax gain on the last batch evaluated (GPT.hc_amax_gain),
-    {} with one residual stream."""
+    """mHC's log fields, from the last batch evaluated: the composite H_res's Amax gain (GPT.hc_amax_gain)
+    and how far apart the streams are at each block's output (GPT.hc_stream_diversity); {} with one stream."""
     gain = model.hc_amax_gain()
-    return {} if gain is None else {"hc_amax_gain": gain}
+    return {} if gain is None else {"hc_amax_gain": gain, "hc_stream_diversity": model.hc_stream_diversity()}
 
 
 def clip_grad_norm(params, max_norm, sharded=()):
@@ -418,6 +467,7 @@ def resumed_config(flags) -> TrainConfig:
     """The config saved in --out_dir's checkpoint with the flags given now; a flag that would change
     the model, the data or the preset is refused (the weights were trained for them)."""
     path = os.path.join(flags.get("out_dir", TrainConfig.out_dir), "ckpt.pt")
+    harness.check_unlocked(os.path.dirname(path))  # a run training there now: say so, not that its checkpoint is odd
     saved = harness.load_checkpoint(path)["config"]
     try:
         own = {k: v for k, v in saved.items() if k not in ("data", "model")}
@@ -457,6 +507,67 @@ def check_tables_fit(engram_cfg, device, shards=1):
     cli.check_fits(n * 4 * (3 if engram_cfg.engram_sparse else 4), device, f"--engram_rows_per_head="
                    f"{engram_cfg.engram_rows_per_head}: {n / 1e6:,.0f}M table parameters with their Adam state"
                    + (f" on each of {shards} ranks" if shards > 1 else ""))
+
+
+def step_bytes(cfg, shards=1) -> dict:
+    """From the config alone, about how many bytes of the device one training step holds, by the flag that
+    sizes each part: {flag: bytes}. A low estimate, so that it refuses only what surely cannot fit: fp32
+    weights with their gradient and two Adam moments (16 bytes a parameter), the Engram tables (as
+    check_tables_fit counts them, unless offloaded), the activations backward keeps (on a CPU or Apple GPU
+    the attention's T x T scores too), and mHC's n streams and n x n maps (each Sinkhorn iteration's, kept
+    for backward)."""
+    m, moe = cfg.model, cfg.model.moe
+    d, L, H, T, V, n = m.n_embd, m.n_layer, m.n_head, m.block_size, m.vocab_size, m.mhc.hc_mult
+    if m.attn == "mla":
+        a = m.mla
+        qk = H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        attn = (d * a.q_lora_rank + a.q_lora_rank * qk if a.q_lora_rank else d * qk) + \
+            d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + \
+            H * a.v_head_dim * d
+    else:
+        attn = 4 * d * d
+    n_moe = max(0, L - moe.n_dense_layers) if m.ffn == "moe" else 0
+    experts = 3 * d * moe.moe_inter_dim * (moe.n_routed_experts + moe.n_shared_experts) + d * moe.n_routed_experts
+    params = V * d + L * attn + n_moe * experts + (L - n_moe) * 3 * d * m.dense_hidden
+    width = (moe.n_activated_experts + moe.n_shared_experts) * moe.moe_inter_dim if n_moe else m.dense_hidden
+    tokens, cuda = cfg.batch_size * T, cfg.device.startswith("cuda")
+    act = 2 if cuda and cfg.dtype != "float32" else 4  # bytes of an activation: autocast keeps 16-bit ones
+    scores = 0 if cuda else H * T  # a GPU's fused attention never holds the T x T scores
+    engram = m.engram
+    tables = 0 if cfg.engram_offload or not engram.engram_layers else \
+        table_params(engram) // shards * 4 * (3 if engram.engram_sparse else 4)
+    return {"--n_embd (or --n_layer, --n_routed_experts, --moe_inter_dim)": 16 * params,
+            "--engram_rows_per_head": tables,
+            "--batch_size (or --block_size)": tokens * (act * L * (12 * d + 3 * width + scores) + 4 * 2 * V),
+            "--hc_mult (or --hc_sinkhorn_iters)": 0 if n == 1 else
+            4 * tokens * L * 2 * (4 * n * d + n * n * (2 * m.mhc.hc_sinkhorn_iters + 4))}
+
+
+def check_step_fits(cfg, shards=1):
+    """The model, its Adam state, the Engram tables and one step's activations and mHC maps (step_bytes) must
+    fit in the device's memory: one line naming the flag to lower, before anything is allocated."""
+    parts = step_bytes(cfg, shards)
+    biggest = max(parts, key=parts.get)
+    cli.check_fits(sum(parts.values()), cfg.device, "the model, its Adam state and one step's activations",
+                   hint=f"lower {biggest}")
+
+
+def sinkhorn_note(cfg) -> str:
+    """A warning when --hc_sinkhorn_iters makes every step far slower than at the paper's 20: how long its
+    Sinkhorn kernels alone take per step, estimated from their count (2 per iteration, for each of the
+    2 maps a block, forward and backward) at ~10 us of launch and memory traffic each."""
+    mhc, m = cfg.model.mhc, cfg.model
+    if mhc.hc_mult == 1 or mhc.hc_sinkhorn_iters <= 200:  # n = 1 has no Sinkhorn; up to 10x the paper's 20 is fine
+        return ""
+    tokens = cfg.batch_size * m.block_size * cfg.gradient_accumulation_steps
+    bandwidth = 1e12 if cfg.device.startswith("cuda") else 1e10  # bytes/s: a GPU's HBM, a CPU's DRAM
+
+    def seconds(iters):
+        kernels_per_step = 2 * iters * 2 * m.n_layer * 3
+        return kernels_per_step * (1e-5 + 4 * 2 * tokens * mhc.hc_mult ** 2 / bandwidth)
+    return (f"warning: --hc_sinkhorn_iters={mhc.hc_sinkhorn_iters}: each step spends about "
+            f"{seconds(mhc.hc_sinkhorn_iters):,.1f} s in Sinkhorn's kernels alone (about {seconds(20) * 1000:,.0f} ms "
+            "at the paper's 20)")
 
 
 def check_table_placement(cfg, ddp, world, master) -> bool:
@@ -505,8 +616,7 @@ def finished(ckpt, cfg, master) -> bool:
 
 def announce(cfg, model, tok, meta, world, it, dtype):
     """What is about to train, on what data, where and how; the whole config goes to config.json."""
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    harness.write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2).encode())
     counts, engram = model.param_counts(), cfg.model.engram
     sparse = " (sparse)" if engram.engram_sparse and engram.engram_layers else ""
     print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(engram.engram_layers)} | "

@@ -2,6 +2,8 @@
 traceback) that names the flag, file or value, or as correct behaviour; nothing on disk is lost.
 Plus what users expect: --help on every script, the end-of-run summary and loss.png, full-length
 samples, SIGTERM saving like Ctrl-C, and the GPU paths (bf16 autocast, torch.compile) run on a CPU."""
+import dataclasses
+import errno
 import json
 import os
 import signal
@@ -305,7 +307,8 @@ def test_end_of_run_summary_and_loss_plot(prepared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert last.startswith(f"done: val loss {log[-1]['val_loss']:.4f} after 6 steps, 1,536 tokens")
+    assert last.startswith(f"done: val loss {log[-1]['val_loss']:.4f} ({log[-1]['val_bpb']:.4f} bits per byte) "
+                           "after 6 steps, 1,536 tokens")
     assert "tok/s" in last and str(out / "ckpt.pt") in last and str(out / "log.jsonl") in last
     png = (out / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -382,3 +385,239 @@ def test_torchrun_ctrl_c_ends_cleanly_at_a_step_boundary(prepared, tmp_path):
     stopped = torch.load(out / "ckpt.pt", weights_only=False)["iter"]
     assert f"at iter {stopped}; continue with --resume" in out_text
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iter"] == stopped
+
+
+# ----------------------------------------------------------------------------- issue 23: hostile input, round two
+# In-process (script.main(argv) with capsys), so that the whole table costs seconds: each case exits 2 with
+# one line. Numbers (families 1-2), devices (4) and sizes (3) for every script; then the run folder (5).
+
+def main_of(script):
+    import importlib
+    return importlib.import_module(script.removesuffix(".py")).main
+
+
+def in_process_error(script, args, capsys, code=2):
+    """script.main(args) must exit with code and print one line on stderr; returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main_of(script)(args)
+    assert exit_info.value.code == code
+    return one_line_error(capsys.readouterr().err)
+
+
+NO_GPU = not torch.cuda.is_available()
+HOSTILE = [
+    # finite numbers (family 1)
+    ("train.py", ["--learning_rate=inf"], "--learning_rate=inf"),
+    ("train.py", ["--min_lr=nan"], "--min_lr=nan"),
+    ("train.py", ["--grad_clip=inf"], "--grad_clip=inf"),
+    ("train.py", ["--rope_theta=inf"], "--rope_theta=inf"),
+    ("train.py", ["--hc_eps=inf"], "--hc_eps=inf"),
+    ("train.py", ["--engram_lr_mult=nan"], "--engram_lr_mult=nan"),
+    ("train.py", ["--aux_loss_alpha=inf"], "--aux_loss_alpha=inf"),
+    ("sample.py", ["--temperature=inf"], "--temperature=inf"),
+    ("sample.py", ["--temperature=nan"], "--temperature=nan"),
+    ("compare.py", ["--iso_share=nan"], "--iso_share=nan"),
+    ("data.py", ["--max_train_mb=inf"], "--max_train_mb=inf"),
+    # signs, seeds and int64 (family 2)
+    ("train.py", ["--weight_decay=-0.1"], "--weight_decay=-0.1"),
+    ("train.py", ["--engram_lr_mult=-1"], "--engram_lr_mult=-1"),
+    ("train.py", ["--route_scale=-2"], "--route_scale=-2"),
+    ("train.py", ["--bias_update_speed=-0.01"], "--bias_update_speed=-0.01"),
+    ("train.py", ["--min_lr=0.01"], "--min_lr=0.01 is above --learning_rate"),
+    ("train.py", ["--seed=-1"], "--seed=-1: a seed"),
+    ("train.py", [f"--seed={2**64}"], f"--seed={2**64}"),
+    ("train.py", ["--engram_seed=-3"], "--engram_seed=-3"),
+    ("train.py", [f"--max_iters={10**30}"], "too large"),
+    ("train.py", [f"--batch_size={2**63}"], "too large"),
+    ("sample.py", ["--seed=-1"], "--seed=-1"),
+    ("sample.py", [f"--top_k={10**20}"], "too large"),
+    ("sample.py", [f"--max_new_tokens={10**20}"], "too large"),
+    ("compare.py", ["--seed=-5"], "--seed=-5"),
+    ("compare.py", [f"--seed={2**63 - 1}"], "below 2^63"),
+    ("bench.py", [f"--steps={10**20}"], "too large"),
+    ("exercises.py", ["--list=maybe"], "--list=maybe"),  # exercises.py has no numbers: its bools and names
+    ("exercises.py", ["--only=no_such_exercise"], "no_such_exercise"),
+    # devices (family 4): only auto, cpu, cuda, cuda:N and mps, before torch touches one
+    *[("train.py", [f"--device={d}"], "expected auto, cpu, cuda, cuda:N or mps")
+      for d in ("xpu", "meta", "hip", "vulkan", "cuda:abc", "cuda:-1", "cpu:0", "")],
+    ("train.py", ["--device=cuda:99"], "no CUDA GPU" if NO_GPU else "cuda:99"),
+    ("sample.py", ["--device=meta"], "expected auto, cpu"),
+    ("sample.py", ["--device=xpu"], "--device=xpu"),
+    ("compare.py", ["--device=vulkan"], "--device=vulkan"),
+]
+
+
+@pytest.mark.parametrize("script,args,fragment", HOSTILE, ids=[f"{c[0]} {' '.join(c[1])}" for c in HOSTILE])
+def test_hostile_values_are_one_line_errors(script, args, fragment, prepared, tmp_path, capsys):
+    where = {"data.py": [f"--data_dir={tmp_path / 'data'}"], "bench.py": [], "exercises.py": [f"--out={tmp_path / 'out'}"],
+             "train.py": [f"--out_dir={tmp_path / 'out'}", *data_flags(prepared)]}.get(script, [f"--out_dir={tmp_path / 'out'}"])
+    line = in_process_error(script, [*args, *where], capsys)
+    assert fragment in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # failed before any work
+
+
+SIZES = [  # family 3: estimated from the config (train.step_bytes) before anything is allocated
+    (["--batch_size=1000000000"], "lower --batch_size"),
+    (["--block_size=10000000"], "--block_size"),
+    (["--hc_mult=100000"], "lower --hc_mult"),
+    (["--n_embd=1000000", "--n_head=8"], "lower --n_embd"),
+    (["--engram_rows_per_head=10000000000"], "--engram_rows_per_head"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", SIZES, ids=[" ".join(c[0]) for c in SIZES])
+def test_sizes_that_cannot_fit_are_one_line_errors(args, fragment, prepared, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = in_process_error("train.py", [*TINY, *data_flags(prepared), f"--out_dir={out}", *args], capsys)
+    assert fragment in line and "GiB" in line, line
+    assert not out.exists() or not list(out.iterdir())  # no lock, no file left
+
+
+def test_many_sinkhorn_iterations_warn_with_the_time_per_step():
+    from mhc import MHCConfig
+    cfg = train.build_config(["--device=cpu", "--preset=cpu", "--engram_rows_per_head=101", "--hc_mult=4",
+                              "--hc_sinkhorn_iters=5000"])
+    note = train.sinkhorn_note(cfg)
+    assert note.startswith("warning: --hc_sinkhorn_iters=5000") and " s in Sinkhorn" in note and "\n" not in note
+    assert train.sinkhorn_note(dataclasses.replace(cfg, model=train.GPTConfig(mhc=MHCConfig(hc_mult=4)))) == ""
+
+
+def test_a_learning_rate_of_zero_freezes_the_weights(prepared, tmp_path):
+    out = tmp_path / "frozen"
+    train.main(TINY + data_flags(prepared) + [f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                                              "--learning_rate=0", "--min_lr=0"])
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    torch.manual_seed(state["config"]["seed"])
+    from data import Tokenizer
+    fresh = train.GPT(train.GPTConfig.from_dict(state["config"]["model"]), token_bytes=Tokenizer.from_meta(state["meta"]).token_bytes())
+    for name, value in fresh.state_dict().items():
+        if name in state["model"] and value.is_floating_point() and "bias" not in name.split(".")[-1]:
+            assert torch.equal(state["model"][name], value), name  # not one weight moved (the router biases may)
+
+
+# ----------------------------------------------------------------------------- the run folder (family 5)
+
+@pytest.mark.parametrize("fault", ["data_error", "too_big"])
+def test_overwrite_keeps_the_old_run_until_the_new_one_starts(fault, trained, prepared, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path / "run")
+    before = snapshot(run_dir)
+    bad = [f"--data_dir={tmp_path / 'a_file'}"] if fault == "data_error" else ["--batch_size=1000000000"]
+    if fault == "data_error":
+        (tmp_path / "a_file").write_text("not a folder")
+    in_process_error("train.py", [*TINY, *data_flags(prepared), f"--out_dir={run_dir}", "--overwrite=true", *bad], capsys)
+    assert snapshot(run_dir) == before and sorted(p.name for p in run_dir.iterdir()) == sorted(before)  # no lock
+
+
+def test_overwrite_moves_the_old_run_aside_once_the_new_one_runs(trained, prepared, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path / "run")
+    before = snapshot(run_dir)
+    train.main(TINY + data_flags(prepared) + [f"--out_dir={run_dir}", "--overwrite=true", "--max_iters=2",
+                                              "--eval_interval=2"])
+    assert "is now in" in capsys.readouterr().out
+    assert snapshot(run_dir / ".replaced") == before
+    assert [json.loads(line)["iter"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [0, 2]
+    assert not (run_dir / ".lock").exists()
+
+
+def test_a_folder_that_holds_other_files_is_refused(prepared, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "loss.png").write_bytes(b"someone else's plot")
+    for extra in ([], ["--overwrite=true"]):
+        line = in_process_error("train.py", [*TINY, *data_flags(prepared), f"--out_dir={folder}", *extra], capsys)
+        assert f"--out_dir={folder}" in line and "notes.txt" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == ["loss.png", "notes.txt"]
+    assert (folder / "loss.png").read_bytes() == b"someone else's plot"
+
+
+def test_a_run_folder_is_locked_while_it_trains(trained, prepared, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path / "run")
+    (run_dir / ".lock").write_text(str(os.getppid()))  # a live process that is not this one
+    before = snapshot(run_dir)
+    for args in ([f"--out_dir={run_dir}", "--resume", "--max_iters=9"],
+                 [*TINY, *data_flags(prepared), f"--out_dir={run_dir}", "--overwrite=true"]):
+        line = in_process_error("train.py", args, capsys)
+        assert f"process {os.getppid()}" in line, line
+    assert snapshot(run_dir) == before
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / ".lock").write_text(ended.stdout.strip())  # stale: that process has ended
+    train.main([f"--out_dir={run_dir}", "--resume", "--max_iters=7"])
+    assert torch.load(run_dir / "ckpt.pt", weights_only=False)["iter"] == 7
+    assert not (run_dir / ".lock").exists()  # released at the end
+
+
+def test_ctrl_c_at_start_up_and_while_sampling_is_one_line(trained, prepared, tmp_path, monkeypatch, capsys):
+    import sample
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "load_or_prepare", ctrl_c)
+    out = tmp_path / "out"
+    assert "interrupted" in in_process_error("train.py", [*TINY, *data_flags(prepared), f"--out_dir={out}"], capsys,
+                                             code=130)
+    assert not list(out.iterdir())  # the lock went with it
+    monkeypatch.setattr(sample, "stream_sample", ctrl_c)
+    assert "interrupted" in in_process_error("sample.py", [f"--out_dir={trained}"], capsys, code=130)
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_never_damages_the_log_or_the_plot(trained, tmp_path, monkeypatch):
+    import harness
+    run_dir = copy_run(trained, tmp_path / "run")
+    log, png = (run_dir / "log.jsonl").read_bytes(), (run_dir / "loss.png").read_bytes()
+    real_open = open
+
+    def open_full(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wa+"):
+            f = real_open(path, mode, *args, **kwargs)
+            f.write = full_disk  # the file is made, but no byte fits
+            return f
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(harness, "open", open_full, raising=False)
+    with pytest.raises(harness.ConfigError, match="No space left on device"):
+        harness.append_log(str(run_dir / "log.jsonl"), {"iter": 99, "val_loss": 1.0})
+    with pytest.raises(harness.ConfigError, match="No space left"):
+        harness.trim_log(str(run_dir / "log.jsonl"), 3)
+    monkeypatch.setattr(harness.plt.Figure, "savefig", full_disk)
+    with pytest.raises(harness.ConfigError, match="loss.png"):
+        harness.plot_losses(harness.read_log(str(run_dir / "log.jsonl")), str(run_dir / "loss.png"))
+    assert (run_dir / "log.jsonl").read_bytes() == log and (run_dir / "loss.png").read_bytes() == png
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_a_full_disk_while_data_py_tokenizes_is_one_line(prepared, tmp_path, monkeypatch, capsys):
+    import data
+
+    def tokenize_full(stories, path, use_pool, desc):
+        path.write_bytes(b"\0" * 100)
+        full_disk()
+    monkeypatch.setattr(data, "tokenize_to_file", tokenize_full)
+    line = in_process_error("data.py", [f"--source={prepared['source']}", f"--data_dir={tmp_path / 'd'}"], capsys, code=1)
+    assert "No space left on device" in line and str(tmp_path / "d") in line
+    assert not list((tmp_path / "d").glob("*.tmp"))
+
+
+def test_sample_works_from_a_read_only_run_folder(trained, monkeypatch, capsys, tmp_path):
+    """(Simulated: the tests may run as root, whom chmod does not stop.) Sampling only reads; --show_gates and
+    --engram_offload=disk need to write, and say so in one line."""
+    import builtins
+    import sample
+    real_open = builtins.open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and str(path).startswith(str(trained)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+    before = snapshot(trained)
+    monkeypatch.setattr(builtins, "open", read_only)
+    sample.main([f"--out_dir={trained}", "--num_samples=1", "--max_new_tokens=5"])
+    assert "--- sample 1/1" in capsys.readouterr().out
+    assert "--gates_png" in in_process_error("sample.py", [f"--out_dir={trained}", "--show_gates"], capsys)
+    assert "could not write" in in_process_error("sample.py", [f"--out_dir={trained}", "--engram_offload=disk"], capsys)
+    monkeypatch.undo()
+    assert snapshot(trained) == before

@@ -337,3 +337,60 @@ def test_short_conv_is_a_causal_dilated_depthwise_conv():
         cache = {}
         pieces = [conv(x[:, a:b], cache) for a, b in ((0, 4), (4, 5), (5, 6), (6, T))]
         torch.testing.assert_close(torch.cat(pieces, dim=1), expected)
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V4.1's Engram
+
+def test_v41_hash_rules_by_hand():
+    """--engram_hash=v41: each layer's multipliers from numpy's default_rng(10007 x its block index), bounded
+    by int64 max // V' // 2 and made odd; primes walked upward and never reused across layers (transformers'
+    deepseek_v41 EngramLayout); the hash itself unchanged, checked here with Python's unbounded ints."""
+    import numpy as np
+    cfg = small_cfg(ngram_orders=(2, 3, 4), engram_heads_per_order=2, engram_dim_per_order=8,
+                    engram_rows_per_head=10, engram_hash="v41", engram_short_conv=False)
+    assert head_table_sizes(cfg) == [[11, 13, 17, 19, 23, 29], [31, 37, 41, 43, 47, 53]]  # layers 1 and 3
+    n_canonical = 1000
+    mult = hash_multipliers(cfg, n_canonical)  # (2 layers, 4)
+    bound = (2**63 - 1) // n_canonical // 2
+    for slot, block in enumerate((1, 3)):
+        draw = np.random.default_rng(10007 * block).integers(0, bound, size=4, dtype=np.int64)
+        assert mult[slot].tolist() == [2 * int(d) + 1 for d in draw]
+    assert all(m % 2 == 1 and n_canonical * m < 2**63 for m in mult.flatten().tolist())  # the pad id times m fits
+    assert not torch.equal(mult, hash_multipliers(small_cfg(ngram_orders=(2, 3, 4)), n_canonical))  # not the demo's
+
+    c = [5, 999, 0, 1000]  # c_{t-3} ... c_t of one position; 1000 is the pad id (one past the last canonical id)
+    primes = head_table_sizes(cfg)[0]
+    offsets = [sum(primes[:i]) for i in range(len(primes))]
+    m = mult[0].tolist()
+    expected = []
+    for k, n in enumerate((2, 3, 4)):
+        h = 0
+        for j in range(n):  # j = 0 the current token
+            h ^= c[3 - j] * m[j]
+        expected += [h % p + o for p, o in zip(primes[2 * k:2 * k + 2], offsets[2 * k:2 * k + 2])]
+    rows = hash_ngrams(torch.tensor([c]), mult[0], torch.tensor(primes), torch.tensor(offsets), (2, 3, 4), 2)
+    assert rows.flatten().tolist() == expected
+    with pytest.raises(ValueError, match="--engram_seed=3: unused by --engram_hash=v41"):
+        small_cfg(engram_hash="v41", engram_seed=3)
+    with pytest.raises(ValueError, match="--engram_hash=v4: expected demo or v41"):
+        small_cfg(engram_hash="v4")
+
+
+def test_no_short_conv_is_the_gated_memory_alone_and_decodes_incrementally():
+    torch.manual_seed(0)
+    cfg = small_cfg(engram_layers=(1,), engram_rows_per_head=53, engram_short_conv=False)
+    hasher = TokenizerCompression(cfg, V)
+    layer = Engram(DIM, cfg, 0, hasher.n_canonical)
+    assert layer.short_conv is None and not any("conv" in name for name, _ in layer.named_parameters())
+    with torch.no_grad():
+        layer.table.weight.normal_(0.0, 1.0)
+    ids, h = inputs(T=12)
+    y = layer(h, hasher(ids))
+    e = layer.table.weight[hash_ngrams(hasher(ids), layer.multipliers, layer.head_primes, layer.head_offsets,
+                                       cfg.ngram_orders, cfg.engram_heads_per_order)].flatten(-2)  # (B, T, d_mem)
+    torch.testing.assert_close(y, layer.last_gate[..., None] * layer.value_proj(e)[:, :, None])  # Y = alpha W_V e
+    cache, outs, P = {}, [], max(cfg.ngram_orders) - 1
+    for t in range(ids.shape[1]):
+        prefix = torch.cat([torch.full((2, P), -1), ids[:, :t]], dim=1)[:, -P:]
+        outs.append(layer(h[:, t:t + 1], hasher(ids[:, t:t + 1], prefix), cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1), y)

