@@ -14,7 +14,9 @@ seeds, evaluation windows and schedule are shared (seed k of every arm trains wi
                       moe (the paper's Table 1 protocol, Engram-27B against MoE-27B)
   dense               one dense SwiGLU FFN with moe's active parameters: the floor
   engram-nogate, engram-2gram, engram-nocompress, engram-layer<k>: ablations of moe+engram
-  moe+mhc, moe+engram+mhc  moe and moe+engram on 4 residual streams (mhc.py, --hc_mult=4)
+  engram-v41          moe+engram's memory as DeepSeek-V4.1 ships it (2- to 4-grams, 8 heads, no ShortConv)
+  moe+mhc, moe+engram+mhc  moe and moe+engram on 4 residual streams (mhc.py, --hc_mult=4); variants
+                      -static, -spread, -v4 and -lr<m> (e.g. moe+mhc-spread-lr0.1) change its recipe
 
 Each arm is compared with moe twice, paired by seed: at equal steps (final loss) and at equal wall
 time (both loss-vs-seconds curves interpolated at the end time of the shorter run), since small-scale
@@ -91,11 +93,21 @@ DEFAULT_ARMS = {
 MEMORY_SWEEP = dict(max_iters=800, eval_interval=200, warmup_iters=40)
 MEMORY_VARIANTS = {"engram": {}, "additive-2gram": {"engram_gate": "false", "ngram_orders": "2"}}
 ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_orders": "2"},
-             "engram-nocompress": {"engram_compress": "false"}}
-# mHC (mhc.py): the same models on 4 residual streams, DeepSeek's hc_mult
+             "engram-nocompress": {"engram_compress": "false"},
+             # Engram as DeepSeek-V4.1 ships it: n-grams 2 to 4, 8 hash heads per order, no ShortConv, its hash
+             # multipliers (numpy, seeded 10007 x layer); the same memory width per order as moe+engram
+             "engram-v41": {"ngram_orders": "2,3,4", "engram_heads_per_order": "8", "engram_short_conv": "false",
+                            "engram_hash": "v41"}}
+# mHC (mhc.py): the same models on 4 residual streams, DeepSeek's hc_mult. An mHC arm is moe+mhc or
+# moe+engram+mhc, optionally followed by variants, e.g. moe+mhc-spread-lr0.1 (issue 22's recipe sweep).
 MHC_ARMS = {"moe+mhc": {"engram": "off", "hc_mult": "4"}, "moe+engram+mhc": {"hc_mult": "4"}}
-MHC_PAIRS = {"moe+mhc": "moe", "moe+engram+mhc": "moe+engram"}  # each against itself on one stream
-ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, *MHC_ARMS, "engram-layer<k>"]
+MHC_VARIANTS = {"static": {"hc_dynamic": "false"},  # maps without their token-dependent part (phi)
+                "spread": {"hc_init": "spread"},  # unequal write gains: breaks the streams' symmetry
+                # DeepSeek-V4's code as it ships: its init, its Sinkhorn start, eps on the reads, its HyperHead
+                "v4": {"hc_init": "v4", "hc_sinkhorn_start": "softmax", "hc_pre_eps": "true", "hc_collapse": "dynamic"}}
+MHC_LR = re.compile(r"lr(\d+(?:\.\d+)?)")  # a variant lr<m>: --hc_lr_mult=m
+ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, *MHC_ARMS,
+             "moe+mhc-<variant>[-<variant>...] (static, spread, v4, lr<m>)", "engram-layer<k>"]
 TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
 # flags that define the model (not how it is computed): a resumed run takes them from its checkpoint
 MODEL_FLAGS = set(cli.flat_fields(GPTConfig())) | {"engram", "preset"}
@@ -133,7 +145,7 @@ class CompareConfig:
         if not 0 < self.iso_share < 1:
             raise ValueError(f"--iso_share={self.iso_share}: must be between 0 and 1")
         for arm in arm_list(self):
-            if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm):
+            if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm) and mhc_arm(arm) is None:
                 raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
         sweep_shares(self)  # a malformed list fails here too
         sizes, ungated = memory_sizes(self.memory_log2_rows), memory_sizes(self.memory_ungated)
@@ -167,6 +179,22 @@ def parse_args(argv):
         out_dir=cfg.out_dir or ("out-memory" if cfg.memory_sweep else "out-compare"),
         allocation_sweep=cfg.allocation_sweep or (preset == "gpu" and "allocation_sweep" not in flags))
     return cfg, {k: v for k, v in flags.items() if k not in own}
+
+
+def mhc_arm(arm):
+    """'moe+mhc-spread-lr0.1' -> (its flags, the arm without mHC: 'moe'); None if arm is no mHC arm."""
+    base, *variants = arm.split("-")
+    if base not in MHC_ARMS:
+        return None
+    flags = dict(MHC_ARMS[base])
+    for v in variants:
+        if v in MHC_VARIANTS:
+            flags.update(MHC_VARIANTS[v])
+        elif lr := MHC_LR.fullmatch(v):
+            flags["hc_lr_mult"] = lr[1]
+        else:
+            return None
+    return flags, base.removesuffix("+mhc")
 
 
 def arm_list(cfg):
@@ -282,8 +310,8 @@ def arm_flags(arm, base, vocab_size, moe_counts, cfg):
         return dense_flags(base, vocab_size, moe_counts)
     elif arm in ABLATIONS:
         flags.update(ABLATIONS[arm])
-    elif arm in MHC_ARMS:
-        flags.update(MHC_ARMS[arm])
+    elif mhc_arm(arm):
+        flags.update(mhc_arm(arm)[0])
     elif arm.startswith("engram-layer"):
         flags["engram_layers"] = arm[len("engram-layer"):]
     return flags, count_params(flags, vocab_size)
@@ -451,7 +479,8 @@ def summarize_group(g, cfg, vocab_size):
                                     "final_val_bpb": log[-1].get("val_bpb"),  # None in a run logged before bpb
                                     "tok_per_s": float(np.mean([r["tok_per_s"] for r in log if r["iter"] > 0])),
                                     "wall_s": log[-1]["elapsed_s"], "curve": curve,
-                                    "hc_amax_gain": log[-1].get("hc_amax_gain")}
+                                    "hc_amax_gain": log[-1].get("hc_amax_gain"),
+                                    "hc_stream_diversity": log[-1].get("hc_stream_diversity")}
     out = {"dir": g.dir, "flags": g.flags, "params": g.params, **g.extra, "seeds": seeds}
     if seeds:
         out["final_val_loss"] = dict(zip(("mean", "std"), mean_std([s["final_val_loss"] for s in seeds.values()])))
@@ -529,10 +558,14 @@ def write_markdown(results, path):
     for name, a in results["arms"].items():
         if (vs := a.get("vs_one_stream")) and "equal_steps" in vs:
             gains = [s["hc_amax_gain"]["max"] for s in a["seeds"].values() if s.get("hc_amax_gain")]
+            spread = [np.mean(list(s["hc_stream_diversity"].values())) for s in a["seeds"].values()
+                      if s.get("hc_stream_diversity")]
             lines += ["", f"{name} − {vs['arm']} (4 residual streams against 1, paired by seed): "
                           f"{fmt_stat(vs['equal_steps'])} at equal steps, {fmt_stat(vs['equal_time'])} at equal "
                           f"wall time" + (f"; composite H_res Amax gain at the end {max(gains):.4f} (max over "
-                                          "tokens and seeds)" if gains else "") + "."]
+                                          "tokens and seeds)" if gains else "")
+                      + (f"; stream diversity at the end {np.mean(spread):.4f} (mean over blocks and seeds)"
+                         if spread else "") + "."]
     if results["sweep"]:
         lines += ["", "Allocation sweep (total and active params held at moe's):", "",
                   "| share to Engram | routed experts | table / sparse budget | total params | active params "
@@ -717,8 +750,9 @@ def report(cfg, argv, arms, sweep, memory, meta, base):
         for name, a in arm_results.items():
             if name != "moe":
                 a["vs_moe"] = versus_moe(a, arm_results["moe"])
-    for name, without in MHC_PAIRS.items():  # mHC's own effect: each mHC arm against the same arm without it
-        if name in arm_results and without in arm_results:
+    for name in arm_results:  # mHC's own effect: each mHC arm against the same arm on one stream
+        without = (mhc_arm(name) or (None, None))[1]
+        if without in arm_results:
             arm_results[name]["vs_one_stream"] = {"arm": without, **(versus_moe(arm_results[name], arm_results[without]) or {})}
     finals = [s["tokens"] for a in arm_results.values() for s in a["seeds"].values()]
     results = {"command": " ".join(["python compare.py", *map(shlex.quote, argv)]),
