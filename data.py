@@ -67,6 +67,8 @@ class DataConfig:
         mb = self.max_train_mb
         if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb < math.inf:
             raise ValueError(f"--max_train_mb={mb}: expected a finite number of MiB >= 0 (0 = all of train)")
+        if 0 < mb * MB < 1:  # would round to 0 bytes, which means all of train
+            raise ValueError(f"--max_train_mb={mb}: less than one byte; give 0 for all of train, or a few MiB")
 
 
 class DataError(Exception):

@@ -66,23 +66,62 @@ def run(script, *args, env_extra=None, timeout=300, unset=()):
 def torchrun(script, *args, nproc=2, timeout=240, env_extra=None):
     """python -m torch.distributed.run --nproc_per_node=nproc ROOT/script args... on a free local port, one
     thread per rank: the CompletedProcess. A run still going after timeout seconds (a collective some rank
-    never joined) is killed and fails the test with the last lines each rank printed, not a bare timeout."""
+    never joined) fails the test with what each rank was doing: every rank gets SIGABRT in turn, and
+    Python's faulthandler (PYTHONFAULTHANDLER) prints its stack, which the message gives under the rank's
+    number, before the last lines the run printed. Not a bare timeout, and nothing left running."""
+    import signal
     import socket
+    import tempfile
+    import time
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            str(ROOT / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        pytest.fail(f"{script} on {nproc} ranks hung for {timeout} s (a rank waiting in a collective the others "
-                    f"left?); its last output:\n{out[-1500:]}\n{err[-1500:]}", pytrace=False)
-    skip_if_exercise(proc.stderr)
-    return proc
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+           **(env_extra or {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files, not pipes: readable while it runs
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stacks = []
+            for rank, pid in sorted(rank_pids(proc.pid).items()):
+                err.seek(0, os.SEEK_END)
+                before = err.tell()
+                os.kill(pid, signal.SIGABRT)
+                time.sleep(2)  # faulthandler writes the stack, then the rank dies
+                err.seek(before)
+                stacks.append(f"--- rank {rank} (pid {pid}) was here:\n{err.read()[-3000:]}")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.seek(0)
+            pytest.fail(f"{script} on {nproc} ranks hung for {timeout} s (a rank waiting in a collective the others "
+                        f"left?)\n" + "\n".join(stacks) + f"\n--- its last output:\n{out.read()[-1500:]}", pytrace=False)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    skip_if_exercise(result.stderr)
+    return result
+
+
+def rank_pids(agent: int) -> dict:
+    """{rank: pid} of the worker processes a torchrun agent started (their RANK environment variable)."""
+    ranks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent != agent:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            ranks[int(env[b"RANK"])] = int(entry)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return ranks
 
 
 def rank_errors(stderr: str) -> str:

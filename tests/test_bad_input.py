@@ -419,11 +419,14 @@ HOSTILE = [
     ("sample.py", ["--temperature=nan"], "--temperature=nan"),
     ("compare.py", ["--iso_share=nan"], "--iso_share=nan"),
     ("data.py", ["--max_train_mb=inf"], "--max_train_mb=inf"),
+    ("data.py", ["--max_train_mb=1e-9"], "less than one byte"),  # would round to 0 bytes: "all of it"
     # signs, seeds and int64 (family 2)
     ("train.py", ["--weight_decay=-0.1"], "--weight_decay=-0.1"),
     ("train.py", ["--engram_lr_mult=-1"], "--engram_lr_mult=-1"),
     ("train.py", ["--route_scale=-2"], "--route_scale=-2"),
     ("train.py", ["--bias_update_speed=-0.01"], "--bias_update_speed=-0.01"),
+    ("train.py", ["--hc_lr_mult=-1"], "--hc_lr_mult=-1"),
+    ("train.py", ["--hc_eps=-1e-6"], "--hc_eps=-1e-06"),
     ("train.py", ["--min_lr=0.01"], "--min_lr=0.01 is above --learning_rate"),
     ("train.py", ["--seed=-1"], "--seed=-1: a seed"),
     ("train.py", [f"--seed={2**64}"], f"--seed={2**64}"),

@@ -2,7 +2,6 @@
 losses as replicated DDP over the same global batch, 1/world of the table and its Adam state on each
 rank, whole tables in every checkpoint (so a run resumes on another number of ranks and sample.py reads
 it), and clipping, fp16 loss scaling, the NaN guard and SIGTERM saving as without shards."""
-import json
 import os
 import signal
 import socket

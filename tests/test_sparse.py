@@ -5,11 +5,6 @@ touched row; untouched rows stay exactly as they were (lazy Adam); no table-size
 per step; and the sparse optimizer's state resumes exactly, alone and under 2-process DDP."""
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +12,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import train
 from model import GPT
-from scripts import skip_if_exercise
+from scripts import rank_errors, torchrun
 from test_model import VOCAB, tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def twin(sparse_rows=101):
@@ -150,15 +143,8 @@ def test_ddp_sparse_two_processes_match_one_process_over_the_same_global_batch(p
     args = [a for a in TINY if not a.startswith("--batch_size")] + data_flags(prepared) + [
         "--max_iters=6", "--eval_interval=2", "--engram_sparse=true"]
     train.main(args + [f"--out_dir={tmp_path / 'one'}", "--batch_size=16"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", str(ROOT / "train.py"), *args, f"--out_dir={tmp_path / 'two'}",
-                           "--batch_size=8"], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    skip_if_exercise(proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = torchrun("train.py", *args, f"--out_dir={tmp_path / 'two'}", "--batch_size=8")
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     for a, b in zip(one, two):

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 import cli
 import train
 from engram import EngramConfig
-from scripts import run, skip_if_exercise
+from scripts import rank_errors, run, skip_if_exercise, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,14 +115,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_
 def test_ddp_two_processes_agree(prepared, tmp_path):
     out = tmp_path / "ddp"
     args = TINY + data_flags(prepared) + [f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                           str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    skip_if_exercise(proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = torchrun("train.py", *args)
+    assert proc.returncode == 0, rank_errors(proc.stderr)
     assert "parameters identical on all 2 ranks" in proc.stdout
     log = read_log(out)
     assert log[-1]["iter"] == 4
@@ -237,3 +230,18 @@ def test_clip_grad_norm_coalesces_a_sparse_gradient():
     torch.testing.assert_close(dense.grad, torch.tensor([3.0, 0.0]) * scale)
     torch.testing.assert_close(table.grad.to_dense(), torch.tensor([[0, 0], [0, 0], [2, 4], [0, 0], [0, 4.0]]) * scale)
     assert unused.grad is None
+
+
+def test_a_hung_multi_process_run_fails_with_each_ranks_stack(tmp_path):
+    """CI robustness: a torchrun test that hangs (here rank 1 waits in a barrier that rank 0 never joins)
+    fails after its timeout with the stack of every rank, not a bare timeout, and leaves no process behind."""
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nimport torch.distributed as dist\ndist.init_process_group('gloo')\n"
+                      "if dist.get_rank() == 1:\n    dist.barrier()\nelse:\n    time.sleep(600)\n")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        torchrun(str(script), timeout=25)
+    message = str(failure.value)
+    assert "hung for 25 s" in message
+    rank0, rank1 = message.split("--- rank 0")[1].split("--- rank 1")
+    assert "hang.py\", line 7" in rank0  # the sleep
+    assert "in barrier" in rank1 and "hang.py\", line 5" in rank1  # waiting in the collective
