@@ -66,9 +66,10 @@ def run(script, *args, env_extra=None, timeout=300, unset=()):
 def torchrun(script, *args, nproc=2, timeout=240, env_extra=None):
     """python -m torch.distributed.run --nproc_per_node=nproc ROOT/script args... on a free local port, one
     thread per rank: the CompletedProcess. A run still going after timeout seconds (a collective some rank
-    never joined) fails the test with what each rank was doing: every rank gets SIGABRT in turn, and
-    Python's faulthandler (PYTHONFAULTHANDLER) prints its stack, which the message gives under the rank's
-    number, before the last lines the run printed. Not a bare timeout, and nothing left running."""
+    never joined) fails the test with what each rank was doing: the agent and the ranks are stopped
+    (SIGSTOP), then each rank in turn gets SIGABRT and runs again, and Python's faulthandler
+    (PYTHONFAULTHANDLER) prints its stack, which the message gives under the rank's number, before the
+    last lines the run printed. Not a bare timeout, and nothing left running."""
     import signal
     import socket
     import tempfile
@@ -86,10 +87,14 @@ def torchrun(script, *args, nproc=2, timeout=240, env_extra=None):
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stacks = []
-            for rank, pid in sorted(rank_pids(proc.pid).items()):
+            ranks = rank_pids(proc.pid)
+            for pid in [proc.pid, *ranks.values()]:  # all frozen: no rank or agent reacts when one dies
+                signal_if_alive(pid, signal.SIGSTOP)
+            for rank, pid in sorted(ranks.items()):
                 err.seek(0, os.SEEK_END)
                 before = err.tell()
-                os.kill(pid, signal.SIGABRT)
+                signal_if_alive(pid, signal.SIGABRT)  # pending until it runs again
+                signal_if_alive(pid, signal.SIGCONT)
                 time.sleep(2)  # faulthandler writes the stack, then the rank dies
                 err.seek(before)
                 stacks.append(f"--- rank {rank} (pid {pid}) was here:\n{err.read()[-3000:]}")
@@ -103,6 +108,13 @@ def torchrun(script, *args, nproc=2, timeout=240, env_extra=None):
         result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     skip_if_exercise(result.stderr)
     return result
+
+
+def signal_if_alive(pid: int, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def rank_pids(agent: int) -> dict:

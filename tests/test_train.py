@@ -239,9 +239,9 @@ def test_a_hung_multi_process_run_fails_with_each_ranks_stack(tmp_path):
     script.write_text("import time\nimport torch.distributed as dist\ndist.init_process_group('gloo')\n"
                       "if dist.get_rank() == 1:\n    dist.barrier()\nelse:\n    time.sleep(600)\n")
     with pytest.raises(pytest.fail.Exception) as failure:
-        torchrun(str(script), timeout=25)
+        torchrun(str(script), timeout=40)
     message = str(failure.value)
-    assert "hung for 25 s" in message
+    assert "hung for 40 s" in message
     rank0, rank1 = message.split("--- rank 0")[1].split("--- rank 1")
     assert "hang.py\", line 7" in rank0  # the sleep
     assert "in barrier" in rank1 and "hang.py\", line 5" in rank1  # waiting in the collective
