@@ -16,7 +16,7 @@ seeds, evaluation windows and schedule are shared (seed k of every arm trains wi
   engram-nogate, engram-2gram, engram-nocompress, engram-layer<k>: ablations of moe+engram
   engram-v41          moe+engram's memory as DeepSeek-V4.1 ships it (2- to 4-grams, 8 heads, no ShortConv)
   moe+mhc, moe+engram+mhc  moe and moe+engram on 4 residual streams (mhc.py, --hc_mult=4); variants
-                      -static, -spread, -v4 and -lr<m> (e.g. moe+mhc-spread-lr0.1) change its recipe
+                      -static, -spread, -mhcinit, -v4 and -lr<m> (e.g. moe+mhc-static-lr0.1) change its recipe
 
 Each arm is compared with moe twice, paired by seed: at equal steps (final loss) and at equal wall
 time (both loss-vs-seconds curves interpolated at the end time of the shorter run), since small-scale
@@ -102,12 +102,13 @@ ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_
 # moe+engram+mhc, optionally followed by variants, e.g. moe+mhc-spread-lr0.1 (issue 22's recipe sweep).
 MHC_ARMS = {"moe+mhc": {"engram": "off", "hc_mult": "4"}, "moe+engram+mhc": {"hc_mult": "4"}}
 MHC_VARIANTS = {"static": {"hc_dynamic": "false"},  # maps without their token-dependent part (phi)
-                "spread": {"hc_init": "spread"},  # unequal write gains: breaks the streams' symmetry
+                "spread": {"hc_init": "spread"},  # unequal write gains: breaks the streams' symmetry (the default)
+                "mhcinit": {"hc_init": "mhc"},  # the symmetric init, the default before 2026-12-04
                 # DeepSeek-V4's code as it ships: its init, its Sinkhorn start, eps on the reads, its HyperHead
                 "v4": {"hc_init": "v4", "hc_sinkhorn_start": "softmax", "hc_pre_eps": "true", "hc_collapse": "dynamic"}}
 MHC_LR = re.compile(r"lr(\d+(?:\.\d+)?)")  # a variant lr<m>: --hc_lr_mult=m
 ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, *MHC_ARMS,
-             "moe+mhc-<variant>[-<variant>...] (static, spread, v4, lr<m>)", "engram-layer<k>"]
+             "moe+mhc-<variant>[-<variant>...] (static, spread, mhcinit, v4, lr<m>)", "engram-layer<k>"]
 TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
 # flags that define the model (not how it is computed): a resumed run takes them from its checkpoint
 MODEL_FLAGS = set(cli.flat_fields(GPTConfig())) | {"engram", "preset"}

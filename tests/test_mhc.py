@@ -204,14 +204,21 @@ def test_mhc_gradcheck_float64_two_streams():
 
 
 def test_mhc_streams_differ_after_a_few_steps(prepared, tmp_path):
-    out = tmp_path / "mhc"
-    train.main(TINY + data_flags(prepared) + [f"--out_dir={out}", "--max_iters=8", "--eval_interval=8",
-                                              "--hc_mult=4"])
-    log = read_log(out)
-    assert [abs(r["hc_amax_gain"]["max"] - 1) < 0.01 for r in log] == [True, True]  # at init and after 8 steps
-    # the streams enter as copies; the random phi makes each block's writes differ by a few percent at most
-    assert set(log[0]["hc_stream_diversity"]) == {"0", "1"} and all(0 < v < 0.05 for v in log[0]["hc_stream_diversity"].values())
-    assert all(0 < v < 0.5 for v in log[1]["hc_stream_diversity"].values())
+    """The streams enter as copies. With --hc_init=mhc only the random phi makes each block's writes differ,
+    by a few percent at most; the default (spread) writes unequal gains, and its streams part further."""
+    diversity = {}
+    for init in ("mhc", "spread"):
+        run = tmp_path / init
+        train.main(TINY + data_flags(prepared) + [f"--out_dir={run}", "--max_iters=8", "--eval_interval=8",
+                                                  "--hc_mult=4", f"--hc_init={init}"])
+        log = read_log(run)
+        assert [abs(r["hc_amax_gain"]["max"] - 1) < 0.01 for r in log] == [True, True]  # at init and after 8 steps
+        assert set(log[0]["hc_stream_diversity"]) == {"0", "1"}
+        assert all(0 < v < 0.05 for v in log[0]["hc_stream_diversity"].values())
+        diversity[init] = log[1]["hc_stream_diversity"]
+    assert all(0 < v < 0.5 for v in diversity["mhc"].values())
+    assert all(diversity["spread"][b] > 2 * diversity["mhc"][b] for b in diversity["mhc"]), diversity
+    out = tmp_path / "spread"
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     model = GPT(train.GPTConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
