@@ -245,18 +245,25 @@ def full_disk_error(path: str, e: OSError) -> ConfigError:
     return ConfigError(f"could not write {path} ({e.strerror or e}{hint}); its previous contents are kept")
 
 
-def write_atomic(path: str, data: bytes):
-    """path's new contents go to path.tmp, which then replaces it: a crash or a full disk leaves the old
-    file whole (and no .tmp); a one-line ConfigError if it cannot be written."""
+def replace_file(path: str, write):
+    """write(tmp) makes path's new contents in path.tmp, which then replaces path: a crash or a full disk
+    leaves the old file whole (and no .tmp); a one-line ConfigError if it cannot be written."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise full_disk_error(path, e) from None
+
+
+def write_atomic(path: str, data: bytes):
+    """path's new contents, the bytes data, written through replace_file."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    replace_file(path, write)
 
 
 def append_log(path: str, record: dict):
@@ -301,14 +308,9 @@ def plot_losses(records: list, path: str):
 
 
 def save_figure(fig, path: str, **kwargs):
-    """A PNG written atomically (through path.tmp), closing the figure; one line if the disk is full."""
+    """A PNG written atomically (replace_file), closing the figure; one line if the disk is full."""
     try:
-        fig.savefig(path + ".tmp", format="png", dpi=110, **kwargs)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise full_disk_error(path, e) from None
+        replace_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, **kwargs))
     finally:
         plt.close(fig)
 
