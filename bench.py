@@ -18,18 +18,22 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
 import cli
+import engram
 import kernels
 import memory
+import mla
+import moe
+import train
 from engram import EngramConfig, TokenizerCompression, hash_multipliers, head_table_sizes, table_params
+from harness import wrap_ddp
 from mla import MLAConfig
 from model import GPT, Cache, GPTConfig, dense_ffn_hidden
-from harness import wrap_ddp
-from train import ROWS, build_config, clip_grad_norm
 
 
 @dataclass
@@ -41,9 +45,7 @@ class BenchConfig:
     steps: int = 0                    # timed steps per model; 0 = 20 (with --engram_scaling: 8 per path and size)
 
     def __post_init__(self):
-        cli.check_numbers(self)
-        if self.steps < 0:
-            raise ValueError(f"--steps={self.steps}: must be >= 0")
+        cli.check_numbers(self, nonneg=("steps",))
 
 
 def emit(**record):
@@ -53,12 +55,42 @@ def emit(**record):
 def preset_model(preset, **overrides):
     """The model config of a train.py preset; Engram off unless engram="on" is passed (most benches
     here are about the backbone)."""
-    # the preset's table for a full train split, so that no data is read to size it (train.rows_for_split)
-    overrides = {"engram": "off", "engram_rows_per_head": ROWS, **overrides}
+    # the preset's table for a full train split, so that no data is read to size it (cli.rows_for_split)
+    overrides = {"engram": "off", "engram_rows_per_head": cli.ROWS, **overrides}
     flags = [f"--preset={preset}", "--device=cpu"] + [f"--{k}={v}" for k, v in overrides.items()]
-    cfg = build_config(flags).model
+    cfg = train_config(flags).model
     cfg.vocab_size = 7000  # about the compact TinyStories vocabulary
     return cfg
+
+
+def train_config(flags):
+    """train.py's config for these flags (its defaults and presets; nothing here needs data to size it)."""
+    return cli.train_config(flags, train.TrainConfig(), train.PRESETS, train.__doc__)
+
+
+class SameBatch:
+    """train.train_step's batch source when every contender trains on the same batch: this step's (x, y)."""
+
+    def __init__(self, x):
+        self.batch = (x[:, :-1], x[:, 1:])
+
+    def next(self):
+        return self.batch
+
+    def peek(self):
+        return self.batch
+
+
+def timed_step(model, batch, optimizers, tables):
+    """One training step as train.py takes it (train.train_step: forward, backward, the tables' gradients,
+    clipping at 1.0), then the optimizers' step, in float32."""
+    train.train_step(model, batch, optimizers, NO_SCALING, nullcontext(), STEP, tables)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+STEP, NO_SCALING = train.TrainConfig(grad_clip=1.0), torch.amp.GradScaler("cpu", enabled=False)
 
 
 def cache_bytes_per_token(cfg, dtype=torch.bfloat16):
@@ -79,13 +111,13 @@ def bench_kv_cache():
     shapes = [(f"{p} preset", c.n_head, c.n_embd, c.mla) for p in ("cpu", "gpu") for c in [preset_model(p)]]
     shapes.append(("DeepSeek-V3", 128, 7168, MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                                                        qk_rope_head_dim=64, v_head_dim=128)))
-    for label, n_head, n_embd, mla in shapes:
+    for label, n_head, n_embd, attn_cfg in shapes:
         row = {"bench": "kv_cache_bytes_per_token_per_layer", "shape": label, "dtype": "bfloat16",
-               "n_head": n_head, "n_embd": n_embd, "kv_lora_rank": mla.kv_lora_rank,
-               "qk_rope_head_dim": mla.qk_rope_head_dim}
+               "n_head": n_head, "n_embd": n_embd, "kv_lora_rank": attn_cfg.kv_lora_rank,
+               "qk_rope_head_dim": attn_cfg.qk_rope_head_dim}
         for attn in ("mha", "mla"):
             cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=n_head, n_embd=n_embd, attn=attn,
-                            ffn="dense", ffn_hidden=64, mla=mla, engram=EngramConfig(engram_layers=()))
+                            ffn="dense", ffn_hidden=64, mla=attn_cfg, engram=EngramConfig(engram_layers=()))
             row[attn] = cache_bytes_per_token(cfg)
         row["mha_over_mla"] = round(row["mha"] / row["mla"], 2)
         emit(**row)
@@ -121,17 +153,13 @@ def interleaved_step_times(models, steps, batch_size, block_size, vocab_size, de
     step of every model on the same batch, the models taking turns step by step (the first warmup
     steps, which warm up allocators, are not timed)."""
     optimizers = {k: m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), device) for k, m in models.items()}
+    tables = {k: memory.Tables(m, device) for k, m in models.items()}
     times = {k: [] for k in models}
     for step in range(steps + warmup):
-        x = torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device)
+        batch = SameBatch(torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device))
         for name, model in models.items():
             t0 = time.perf_counter()
-            _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            clip_grad_norm(model.parameters(), 1.0)
-            for opt in optimizers[name]:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            timed_step(model, batch, optimizers[name], tables[name])
             if device == "cuda":  # GPU work is asynchronous: wait for it before reading the clock
                 torch.cuda.synchronize()
             if step >= warmup:
@@ -216,9 +244,7 @@ def shard_worker(rank, world, port, steps, batch_size=8):
             for name in phase:
                 torch.manual_seed(0)
                 model = GPT(cfg)
-                if name == "sharded":
-                    model.shard_tables(rank, world)
-                models[name] = model
+                models[name] = (model, memory.Tables(model, "cpu", shards=world if name == "sharded" else 1))
             times.update(distributed_step_times(models, steps, batch_size, cfg, rank, world))
             for name, (model, optimizers) in models.items():
                 held[name] = memory.table_bytes(model, optimizers)
@@ -244,25 +270,18 @@ def distributed_step_times(models, steps, batch_size, cfg, rank, world, warmup=2
     (all-gathered, or exchanged inside the sharded lookup), clipping by the global norm, the optimizers.
     Replaces each model in models by (model, its optimizers)."""
     contenders = {}
-    for name, model in models.items():
+    for name, (model, tables) in models.items():
         optimizers = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))
-        ddp = wrap_ddp(model, "cpu", skip=model.sparse_param_names())
-        contenders[name] = (model, ddp, optimizers, [t.weight for t in memory.sharded_params(model).values()])
+        contenders[name] = (wrap_ddp(model, "cpu", skip=memory.sparse_param_names(model)), optimizers, tables)
         models[name] = (model, optimizers)
     times = {k: [] for k in contenders}
     gen = torch.Generator().manual_seed(rank)
     for step in range(steps + warmup):
-        x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen)
-        for name, (model, ddp, optimizers, sharded) in contenders.items():
+        batch = SameBatch(torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen))
+        for name, (ddp, optimizers, tables) in contenders.items():
             torch.distributed.barrier()  # both ranks start the step together: the time is the slower rank's
             t0 = time.perf_counter()
-            _, loss = ddp(x[:, :-1], x[:, 1:])
-            loss.backward()
-            model.average_sparse_grads()
-            clip_grad_norm(model.parameters(), 1.0, sharded)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            timed_step(ddp, batch, optimizers, tables)
             torch.distributed.barrier()
             if step >= warmup:
                 times[name].append(time.perf_counter() - t0)
@@ -274,54 +293,71 @@ def memory_available() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def bench_offload(rows=2**20, new_tokens=96, rounds=5, device="cpu", preset="cpu"):
-    """Decoding tokens/s of one CPU preset model (2^20 rows per head: 537 MB of table) with its tables resident,
-    in host memory ('host') and memory-mapped from a file ('disk', with the file's pages in the page cache,
-    and dropped from it before each run: 'disk-cold'), the contenders taking turns run by run; and how
-    much of the row-gathering time the prefetch thread hid behind the blocks in front of the Engram layer."""
+def bench_offload(rows=2**20, new_tokens=96, rounds=5, device="cpu", preset="cpu", **overrides):
+    """Decoding tokens/s of one preset model (the CPU preset's by default; 2^20 rows per head: 537 MB of table)
+    with its tables resident, in host memory ('host') and memory-mapped from a file ('disk', with the file's
+    pages in the page cache, and dropped from it before each run: 'disk-cold'); and how much of the
+    row-gathering time the prefetch thread hid behind the blocks in front of the Engram layer. The contenders
+    run one after another, resident first, each built just before its runs (round 0 warms up, and reads the
+    file into the page cache) and freed after, and each prints its line as soon as it is done: a run stopped
+    by a time limit (.ci/gpu's) still reports the contenders before it. overrides: more train.py flags for
+    the model (.ci/gpu's CPU mode makes it smaller)."""
     torch.manual_seed(0)
-    cfg = preset_model(preset, engram="on", engram_rows_per_head=rows)
+    cfg = preset_model(preset, engram="on", engram_rows_per_head=rows, **overrides)
     resident = GPT(cfg).eval()
+    # on the CPU: .to(device) below gives the resident model new tensors, and these stay
     tables = {n: p.detach() for n, p in resident.named_parameters() if n.endswith(".engram.table.weight")}
     state = {k: v for k, v in resident.state_dict().items() if k not in tables}
-    folder = tempfile.mkdtemp(prefix="bench-engram-")
-    memory.write_table_file(folder, tables)
-    files = memory.open_table_file(folder, tables)
-    contenders = {}
-    for where in ("host", "disk", "disk-cold"):
-        model = GPT(cfg, table_device="meta")
-        model.load_state_dict(state, strict=False)
-        model.offload_tables(where.split("-")[0], device, tables if where == "host" else files)  # pinned on a GPU
-        contenders[where] = model.to(device).eval()
-    contenders = {"resident": resident.to(device), **contenders}
+    table_mb = round(sum(t.numel() for t in tables.values()) * 4 / 1e6)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)  # 16 + new_tokens within block_size: no window slides
-    times = {k: [] for k in contenders}
-    for r in range(rounds + 1):  # round 0 warms up (and reads the file into the page cache)
-        for name, model in contenders.items():
-            if name == "disk-cold":  # the file's pages out of the page cache: every row read from the disk
-                fd = os.open(os.path.join(folder, memory.TABLE_FILE), os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
-            for t in memory.offloaded_tables(model):
-                t.fetch_s = t.wait_s = 0.0
-            t0 = time.perf_counter()
-            list(model.generate(prompt, new_tokens, temperature=0))  # each token's .item() waits for the device
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    stats = {name: memory.prefetch_stats(model) for name, model in contenders.items()}  # the last round's run
-    tokens = {name: torch.cat(list(model.generate(prompt, 8, temperature=0)), 1) for name, model in contenders.items()}
-    for name in contenders:
-        seconds, fetched = statistics.median(times[name]), stats[name]
-        emit(bench="engram_offload_decode", tables=name, rows_per_head=rows, table_mb=round(
-             sum(t.numel() for t in tables.values()) * 4 / 1e6), new_tokens=new_tokens, device=device,
-             tok_per_s=round(new_tokens / seconds, 1), vs_resident=round(statistics.median(times["resident"]) / seconds, 3),
-             **({"gather_ms_per_token": round(1000 * fetched["fetch_s"] / new_tokens, 3),
-                 "wait_ms_per_token": round(1000 * fetched["wait_s"] / new_tokens, 3),
-                 "prefetch_hidden": round(fetched["hidden"], 3)} if fetched["hidden"] is not None else {}),
-             same_tokens=torch.equal(tokens[name], tokens["resident"]))
-    for name in memory.TABLE_FILE, memory.MANIFEST:
-        os.remove(os.path.join(folder, name))
-    os.rmdir(folder)
+    folder = tempfile.mkdtemp(prefix="bench-engram-")
+    files = baseline = tokens = None
+    try:
+        for name in ("resident", "host", "disk", "disk-cold"):
+            if name == "resident":
+                model, resident = resident.to(device), None
+            else:
+                if files is None:  # the table file, once, for both disk contenders
+                    memory.write_table_file(folder, tables)
+                    files = memory.open_table_file(folder, tables)
+                model = GPT(cfg, table_device="meta")
+                model.load_state_dict(state, strict=False)
+                memory.offload_tables(model, name.split("-")[0], device, tables if name == "host" else files)  # pinned on a GPU
+                model = model.to(device).eval()
+            times = []
+            for r in range(rounds + 1):  # round 0 warms up
+                if name == "disk-cold":  # the file's pages out of the page cache: every row read from the disk
+                    fd = os.open(os.path.join(folder, memory.TABLE_FILE), os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+                for t in memory.offloaded_tables(model):
+                    t.fetch_s = t.wait_s = 0.0
+                t0 = time.perf_counter()
+                list(model.generate(prompt, new_tokens, temperature=0))  # each token's .item() waits for the device
+                if r:
+                    times.append(time.perf_counter() - t0)
+            fetched = memory.prefetch_stats(model)  # the last run's
+            seconds = statistics.median(times)
+            baseline = baseline or seconds
+            ids = torch.cat(list(model.generate(prompt, 8, temperature=0)), 1)
+            tokens = ids if tokens is None else tokens
+            emit(bench="engram_offload_decode", tables=name, rows_per_head=rows, table_mb=table_mb,
+                 new_tokens=new_tokens, device=device, tok_per_s=round(new_tokens / seconds, 1),
+                 vs_resident=round(baseline / seconds, 3),
+                 **({"gather_ms_per_token": round(1000 * fetched["fetch_s"] / new_tokens, 3),
+                     "wait_ms_per_token": round(1000 * fetched["wait_s"] / new_tokens, 3),
+                     "prefetch_hidden": round(fetched["hidden"], 3)} if fetched["hidden"] is not None else {}),
+                 same_tokens=torch.equal(ids, tokens))
+            del model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        files = None
+        for name in memory.TABLE_FILE, memory.MANIFEST:
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -355,7 +391,7 @@ def engram_case(batch, seq, heads_per_order, rows_per_head, head_dim, device, dt
             cfg.ngram_orders, heads_per_order, table)
     n_heads = 2 * heads_per_order
     shape = {"tokens": batch * seq, "heads": n_heads, "head_dim": head_dim, "table_rows": table.shape[0]}
-    return shape, lambda: kernels.engram_lookup(*args), \
+    return shape, lambda: engram.lookup(*args), \
         kernels.engram_lookup_bytes(batch * seq, n_heads, head_dim, table.element_size()), None
 
 
@@ -368,7 +404,7 @@ def moe_case(n_tokens, n_experts, top_k, dim, inter_dim, device, dtype):
     w2 = torch.randn(n_experts, dim, inter_dim, device=device, dtype=dtype) / inter_dim ** 0.5
     shape = {"tokens": n_tokens, "experts": n_experts, "top_k": top_k, "dim": dim, "inter_dim": inter_dim}
     flops = kernels.moe_grouped_swiglu_flops(n_tokens * top_k, dim, inter_dim)
-    return shape, lambda: kernels.moe_grouped_swiglu(x, counts, w1, w3, w2), None, flops
+    return shape, lambda: moe.run_experts(x, counts, w1, w3, w2), None, flops
 
 
 def mla_case(batch, cache_len, n_heads, device, dtype, kv_lora_rank=512, rope_dim=64):
@@ -379,12 +415,12 @@ def mla_case(batch, cache_len, n_heads, device, dtype, kv_lora_rank=512, rope_di
     k_rope = torch.randn(batch, cache_len, rope_dim, device=device, dtype=dtype)
     scale = (128 + rope_dim) ** -0.5
     shape = {"batch": batch, "cache_len": cache_len, "heads": n_heads, "kv_lora_rank": kv_lora_rank}
-    return shape, lambda: kernels.mla_decode_attention(q, q_rope, kv, k_rope, scale), \
+    return shape, lambda: mla.latent_attention(q[:, None], q_rope[:, None], kv, k_rope, scale, cache_len - 1), \
         kernels.mla_decode_bytes(batch, n_heads, cache_len, kv_lora_rank, rope_dim, kv.element_size()), None
 
 
 def bench_kernels():
-    """Each kernel against its PyTorch reference. On a CPU only the references run, on small shapes,
+    """Each kernel against its PyTorch reference (the model files' op, --kernels=torch and triton). On a CPU only the references run, on small shapes,
     so that a reader without a GPU still gets output (and unless TRITON_INTERPRET=1 is set, which
     runs the kernels in the interpreter: a correctness path whose timings mean nothing)."""
     gpu = torch.cuda.is_available()
@@ -447,7 +483,7 @@ def in_mode(mode, fn):
 def bench_end_to_end(device, steps=10):
     """GPU preset model: training tokens/s and sampling tokens/s with --kernels=torch vs triton
     (two copies of one model, each trained with its own mode)."""
-    cfg = replace(build_config(["--preset=gpu", f"--device={device}"]).model, vocab_size=7000)
+    cfg = replace(train_config(["--preset=gpu", f"--device={device}"]).model, vocab_size=7000)
     torch.manual_seed(0)
     models = {"torch": GPT(cfg).to(device)}
     models["triton"] = GPT(cfg).to(device)

@@ -8,6 +8,7 @@ and every dataclass re-checks its own values in its __post_init__, the one place
 --help lists each field with its default and the comment written beside it in the dataclass, so the
 help text is the source and cannot drift from it.
 """
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -147,25 +148,47 @@ def exit_with_help_if_asked(argv, doc: str, *configs, extra: str = ""):
 INT_LIMIT = 2**63  # an int must fit int64: what torch's tensors and numpy's integers hold
 
 
-def check_numbers(cfg, nonneg=(), positive=(), seeds=()):
-    """The checks every number of a config gets, called first by each dataclass's __post_init__ (its own
-    fields, not the nested configs', which check themselves): every float finite (no nan or inf), every int
-    within int64, the fields named in nonneg >= 0 and in positive > 0, and seeds in [0, 2^63): numpy's
-    default_rng takes no negative seed, torch.manual_seed none from 2^64 on."""
+def check_numbers(cfg, at_least_1=(), nonneg=(), positive=(), seeds=(), one_of=None):
+    """The declarative checks of one config's own fields (the nested configs check themselves), called
+    first by its __post_init__, which then keeps only the rules that span several fields. Every field:
+    a value of its declared type (a bool is true or false, a tuple holds ints), a float finite (no nan or
+    inf), an int within int64. Then the fields named in at_least_1 >= 1, in nonneg >= 0, in positive > 0,
+    seeds in [0, 2^63) (numpy's default_rng takes no negative seed, torch.manual_seed none from 2^64 on),
+    and one_of {field: the values it may take} ('' among them: the field may be left empty)."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value, kind = getattr(cfg, f.name), typing.get_origin(f.type) or f.type
+        if dataclasses.is_dataclass(value):
             continue
+        check_type(f.name, value, kind)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name}={value}: must be a finite number")
-        if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT < value < INT_LIMIT:
             raise ValueError(f"--{f.name}={value}: too large (at most 2^63 - 1)")
         if f.name in seeds and not 0 <= value < INT_LIMIT:
             raise ValueError(f"--{f.name}={value}: a seed must be between 0 and 2^63 - 1")
+        if f.name in at_least_1 and value < 1:
+            raise ValueError(f"--{f.name}={value}: must be at least 1")
         if f.name in nonneg and value < 0:
             raise ValueError(f"--{f.name}={value}: must be >= 0")
         if f.name in positive and not value > 0:
             raise ValueError(f"--{f.name}={value}: must be > 0")
+        if one_of and f.name in one_of and value not in one_of[f.name]:
+            allowed = [v for v in one_of[f.name] if v]
+            choices = " or ".join(allowed) if len(allowed) <= 2 else "one of " + ", ".join(allowed)
+            raise ValueError(f"--{f.name}={value}: expected {choices}" + (" (or nothing)" if "" in one_of[f.name]
+                                                                           else ""))
+
+
+def check_type(name: str, value, kind):
+    """value is of the field's declared kind: bool, int, float (an int will do), str, or a tuple of ints."""
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          tuple: lambda v: isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
+    if kind in ok and not ok[kind](value):
+        expected = {bool: "true or false", tuple: "comma-separated integers"}.get(kind, kind.__name__)
+        raise ValueError(f"--{name}={value}: expected {expected}")
 
 
 # ----------------------------------------------------------------------------- --help
@@ -264,6 +287,14 @@ def resolve_dtype(dtype: str, hardware: dict) -> str:
     return dtype
 
 
+def precision(dtype: str, device: str):
+    """(resolved dtype, autocast context, GradScaler) for --dtype on a resolved --device (resolve_dtype):
+    autocast in bfloat16 or float16, or none for float32; the scaler is enabled only for float16."""
+    dtype, kind = resolve_dtype(dtype, describe_device(device)), torch.device(device).type
+    autocast = torch.autocast(kind, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+    return dtype, autocast, torch.amp.GradScaler(kind, enabled=dtype == "float16")
+
+
 def setup_device(device: str, kernel_mode: str, dtype: str = "float32") -> tuple[str, str]:
     """Resolve --device and --dtype, and set --kernels for them (kernels.py's one switch, which picks each
     op's kernel by the GPU and the compute dtype); returns (device, dtype)."""
@@ -276,8 +307,11 @@ def setup_device(device: str, kernel_mode: str, dtype: str = "float32") -> tuple
     return device, dtype
 
 
-def check_fits(n_bytes: int, device: str, what: str, hint: str = ""):
-    """Fail now, not after minutes of work, if n_bytes cannot fit in the device's free memory."""
+def check_fits(n_bytes, device: str, what: str, hint: str = ""):
+    """Fail now, not after minutes of work, if n_bytes cannot fit in the device's free memory. n_bytes may be
+    {flag: bytes} (model.step_bytes): then the hint names the flag of the biggest part."""
+    if isinstance(n_bytes, dict):
+        n_bytes, hint = sum(n_bytes.values()), f"lower {max(n_bytes, key=n_bytes.get)}"
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(device))[0]
     elif os.path.exists("/proc/meminfo"):  # Linux: MemAvailable, free plus reclaimable cache
@@ -290,3 +324,105 @@ def check_fits(n_bytes: int, device: str, what: str, hint: str = ""):
     if free is not None and n_bytes > 0.9 * free:  # memory we cannot read is no reason to refuse
         raise ConfigError(f"{what} need about {n_bytes / 2**30:,.1f} GiB, and {device} has "
                           f"{free / 2**30:.1f} GiB free" + (f"; {hint}" if hint else ""))
+
+
+# ----------------------------------------------------------------------------- a training run's config
+
+def train_config(argv, defaults, presets: dict, doc: str, read_saved=None, split_tokens=None):
+    """The TrainConfig of a run: defaults <- preset (chosen by device unless given) <- command line. With
+    --resume: the config saved in out_dir's checkpoint (read_saved(out_dir) returns it: harness.saved_config)
+    <- the flags given now, which may change how the run trains (max_iters, device, kernels, ...) but not
+    its model, data or preset. split_tokens(data config) -> the train split's tokens (data.split_tokens),
+    which size the cpu preset's Engram table (rows_for_split) unless --engram_rows_per_head is given."""
+    exit_with_help_if_asked(argv, doc, defaults, extra="\n  --engram=on|off: the default engram_layers, or none")
+    flags = parse_flags(argv, {**flat_fields(defaults), "engram": str})
+    engram = flags.pop("engram", "on").lower()  # --engram=off: shorthand for an empty engram_layers
+    if engram not in ("on", "off"):
+        raise ConfigError(f"--engram={engram}: expected on or off")
+    if engram == "off":
+        flags["engram_layers"] = ""
+    if parse_value("resume", flags.get("resume", "false"), bool):
+        cfg = resumed_config(defaults, flags, read_saved)
+    else:  # the gpu preset on an NVIDIA GPU; the cpu preset, sized for a laptop, on a CPU or an Apple GPU
+        device = resolve_device(flags.get("device", "auto"))
+        preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
+        cfg = apply(defaults, {**presets.get(preset, {}), "preset": preset, **flags})
+        if preset == "cpu" and "engram_rows_per_head" not in flags and cfg.model.engram.engram_layers:
+            rows = rows_for_split(split_tokens(cfg.data))
+            cfg.model.engram = dataclasses.replace(cfg.model.engram, engram_rows_per_head=rows)
+    device, _ = setup_device(cfg.device, cfg.kernels, cfg.dtype)
+    return fit_to_device(dataclasses.replace(cfg, device=device))
+
+
+# The cpu preset's Engram rows per head, by the prepared train split's size (RESULTS.md, "The CPU preset"):
+# 2^16, the largest table whose step stayed close to the smallest's, was the best size on 1.6M tokens
+# (compare.py --memory_sweep); on the 0.5M-token offline excerpt a 2^16 table is spread too thin (each row
+# is looked up too rarely in 400 steps), and 4,099 rows did better.
+SMALL_SPLIT_TOKENS, SMALL_SPLIT_ROWS, ROWS = 1_000_000, 4099, 65536
+
+
+def rows_for_split(train_tokens: int) -> int:
+    return SMALL_SPLIT_ROWS if train_tokens < SMALL_SPLIT_TOKENS else ROWS
+
+
+def config_from_dict(cls, values: dict):
+    """The inverse of dataclasses.asdict for these configs: nested configs rebuilt, JSON lists back to tuples,
+    keys this code does not know ignored; each config checks its values as it is built."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{cls.__name__} is a {type(values).__name__}, not a dict")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+            if dataclasses.is_dataclass(f.type):
+                value = config_from_dict(f.type, value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def resumed_config(defaults, flags: dict, read_saved):
+    """The config saved with the run in --out_dir, with the flags given now; a flag that would change
+    the model, the data or the preset is refused (the weights were trained for them)."""
+    out_dir = flags.get("out_dir", defaults.out_dir)
+    try:
+        cfg = config_from_dict(type(defaults), read_saved(out_dir))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{os.path.join(out_dir, 'ckpt.pt')} holds a config this code cannot read ({e}); retrain it") from None
+    new, fixed = apply(cfg, flags), {"preset", *flat_fields(cfg.model), *flat_fields(cfg.data)}
+    for key in fixed & set(flags):
+        if flat_values(new)[key] != flat_values(cfg)[key]:
+            raise ConfigError(f"--{key}: a resumed run keeps its model, data and preset; drop the flag, or "
+                              "train a new run in another --out_dir")
+    return settings_for_this_machine(new, given=flags)
+
+
+def settings_for_this_machine(cfg, given):
+    """A resumed run keeps its saved --device, --dtype and --kernels where this machine has them. One it
+    lacks (a GPU run resumed on a laptop: cuda, triton) and not given now falls back to auto, with a note."""
+    checks = {"device": lambda c: resolve_device(c.device),
+              "dtype": lambda c: resolve_dtype(c.dtype, describe_device(resolve_device(c.device))),
+              "kernels": lambda c: setup_device(c.device, c.kernels, c.dtype)}
+    for key, check in checks.items():
+        try:
+            check(cfg)
+        except ConfigError as e:
+            if key in given:
+                raise
+            print(f"note: resuming with --{key}=auto, as the saved setting does not suit this machine ({e})")
+            cfg = dataclasses.replace(cfg, **{key: "auto"})
+    return cfg
+
+
+def fit_to_device(cfg):
+    """What the device cannot do, worked around: MPS has no sparse tensors (PyTorch issues 87886, 129842),
+    so there the Engram tables train densely, with AdamW (harness.announce says so, and what it costs)."""
+    engram = cfg.model.engram
+    if cfg.device != "mps" or not (engram.engram_sparse and engram.engram_layers):
+        return cfg
+    if cfg.resume:
+        raise ConfigError(f"--resume on mps: {cfg.out_dir} trains its Engram tables sparsely, which MPS cannot; "
+                          "resume it on a CPU or an NVIDIA GPU (sample.py runs it on MPS as it is)")
+    dense = dataclasses.replace(engram, engram_sparse=False)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, engram=dense))

@@ -1,6 +1,6 @@
 """The Engram experiment: does conditional memory lower the TinyStories loss, and under which budget?
 
-    python compare.py --quick                       # moe vs moe+engram x 2 seeds: the claim in ~6 min on 2 cores
+    python compare.py --quick                       # moe vs moe+engram x 2 seeds: the claim in minutes
     python compare.py --preset=cpu                  # arms moe, moe+engram, iso-params, dense x 3 seeds (~1 h, 2 cores)
     python compare.py --preset=gpu                  # every arm and the allocation sweep (one GPU)
     python compare.py --arms=moe,moe+engram --seeds=1 --max_iters=50
@@ -33,7 +33,7 @@ plain additive 2-gram memory (no gate: the "bigram hash" of modded-nanogpt and n
 moe as the zero point. Each run passes over most of the train text once (800 steps), so that rows are
 revisited. The distinct 2- and 3-grams of the train text bound what more rows can hold; they are
 counted and drawn on memory_scaling.png, with a log-linear fit over the sizes below that bound.
-    python compare.py --memory_sweep --source=../shared/tinystories-more      # ~90 min on 2 cores
+    python compare.py --memory_sweep --source=../shared/tinystories-more      # hours on 2 cores
 
 Every arm/seed is an ordinary train.py run directory, out_dir/<arm>/seed<k> (sample.py works on it).
 A rerun skips finished runs and resumes unfinished ones. Any other --key=value goes to every run.
@@ -51,14 +51,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-import matplotlib
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 import cli
+import data
 import harness
+import plots
 import train
 from cli import ConfigError
 from data import DataError, Tokenizer, load_or_prepare, load_tokens
@@ -67,7 +66,7 @@ from model import GPT, GPTConfig, dense_ffn_hidden
 
 # train.py flags shared by every arm, applied on top of train.py's preset of the same name.
 PRESETS = {
-    # 12 runs (4 arms x 3 seeds) one after another in ~60 min on 2 cores: 300 iters x 16 x 128 tokens
+    # 12 runs (4 arms x 3 seeds) one after another, about an hour on 2 cores: 300 iters x 16 x 128 tokens
     # = 0.61M tokens, ~1.2 epochs of the 0.5M-token excerpt (past ~2 epochs memory tables memorise).
     "cpu": dict(n_layer=4, n_embd=192, n_head=6, block_size=128, batch_size=16, max_iters=300,
                 eval_interval=25, eval_iters=10, warmup_iters=30, bias_update_speed=1e-2, moe_inter_dim=96,
@@ -79,7 +78,7 @@ PRESETS = {
     "gpu": dict(max_iters=400, eval_interval=50, eval_iters=20, batch_size=64, block_size=512, warmup_iters=40,
                 engram_dim_per_order=128),
 }
-# --quick: the claim in minutes on a laptop CPU (README quickstart; 6 minutes on 2 cores): 4 runs of the
+# --quick: the claim in minutes on a laptop CPU (RESULTS.md, "Does Engram lower the loss?"): 4 runs of the
 # cpu preset above at 200 of its 300 steps (0.4M tokens each). Its flags are defaults: any of them given on
 # the command line wins.
 QUICK = dict(preset="cpu", arms="moe,moe+engram", seeds="2", max_iters="200", out_dir="out-quick")
@@ -99,11 +98,11 @@ ABLATIONS = {"engram-nogate": {"engram_gate": "false"}, "engram-2gram": {"ngram_
              "engram-v41": {"ngram_orders": "2,3,4", "engram_heads_per_order": "8", "engram_short_conv": "false",
                             "engram_hash": "v41"}}
 # mHC (mhc.py): the same models on 4 residual streams, DeepSeek's hc_mult. An mHC arm is moe+mhc or
-# moe+engram+mhc, optionally followed by variants, e.g. moe+mhc-spread-lr0.1 (issue 22's recipe sweep).
+# moe+engram+mhc, optionally followed by variants, e.g. moe+mhc-spread-lr0.1 (RESULTS.md, "mHC's recipe").
 MHC_ARMS = {"moe+mhc": {"engram": "off", "hc_mult": "4"}, "moe+engram+mhc": {"hc_mult": "4"}}
 MHC_VARIANTS = {"static": {"hc_dynamic": "false"},  # maps without their token-dependent part (phi)
                 "spread": {"hc_init": "spread"},  # unequal write gains: breaks the streams' symmetry (the default)
-                "mhcinit": {"hc_init": "mhc"},  # the symmetric init, the default before 2026-12-04
+                "mhcinit": {"hc_init": "mhc"},  # the symmetric init (mhc.HyperConnection)
                 # DeepSeek-V4's code as it ships: its init, its Sinkhorn start, eps on the reads, its HyperHead
                 "v4": {"hc_init": "v4", "hc_sinkhorn_start": "softmax", "hc_pre_eps": "true", "hc_collapse": "dynamic"}}
 MHC_LR = re.compile(r"lr(\d+(?:\.\d+)?)")  # a variant lr<m>: --hc_lr_mult=m
@@ -135,14 +134,10 @@ class CompareConfig:
     quick: bool = False               # the few-minute demonstration: moe and moe+engram, 2 seeds, cpu preset, 200 steps
 
     def __post_init__(self):
-        cli.check_numbers(self, seeds=("seed",))
+        cli.check_numbers(self, seeds=("seed",), at_least_1=("seeds", "memory_seeds"), one_of={"preset": ("", *PRESETS)})
         cli.check_device_name(self.device)
         if self.seed + self.seeds > cli.INT_LIMIT:  # run k trains with --seed=seed+k
             raise ValueError(f"--seed={self.seed} --seeds={self.seeds}: the last run's seed must stay below 2^63")
-        if self.preset not in ("", *PRESETS):
-            raise ValueError(f"--preset={self.preset}: expected one of {', '.join(PRESETS)}")
-        if self.seeds < 1:
-            raise ValueError(f"--seeds={self.seeds}: must be at least 1")
         if not 0 < self.iso_share < 1:
             raise ValueError(f"--iso_share={self.iso_share}: must be between 0 and 1")
         for arm in arm_list(self):
@@ -150,9 +145,9 @@ class CompareConfig:
                 raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
         sweep_shares(self)  # a malformed list fails here too
         sizes, ungated = memory_sizes(self.memory_log2_rows), memory_sizes(self.memory_ungated)
-        if self.memory_seeds < 1 or not set(ungated) <= set(sizes):
+        if not set(ungated) <= set(sizes):
             raise ValueError(f"--memory_ungated={self.memory_ungated} must be among --memory_log2_rows="
-                             f"{self.memory_log2_rows}, and --memory_seeds={self.memory_seeds} at least 1")
+                             f"{self.memory_log2_rows}")
 
 
 class RunFailed(Exception):
@@ -223,7 +218,8 @@ def to_argv(flags):
 
 def resolve(flags):
     """The TrainConfig a run with these flags gets (train.py's own defaults, presets and checks)."""
-    return train.build_config(to_argv(flags))
+    return cli.train_config(to_argv(flags), train.TrainConfig(), train.PRESETS, train.__doc__,
+                            split_tokens=data.split_tokens)
 
 
 # ----------------------------------------------------------------------------- parameter budgets
@@ -606,103 +602,6 @@ def memory_markdown(memory, moe):
     return lines
 
 
-def plot_memory(results, path):
-    """Validation loss (left) and step time (right) against table parameters on a log axis, one line
-    per memory variant; moe (no memory) as a horizontal line; the n-gram bound as vertical lines."""
-    memory, moe = results["memory"], results["arms"].get("moe")
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for variant in MEMORY_VARIANTS:
-        rows = [r for r in memory["rows"] if r["variant"] == variant and "final_val_loss" in r]
-        if not rows:
-            continue
-        x = [r["table_params"] for r in rows]
-        line = ax.errorbar(x, [r["final_val_loss"]["mean"] for r in rows], marker="o", capsize=3, label=variant,
-                           yerr=[r["final_val_loss"]["std"] for r in rows])[0]
-        for r in rows:  # every seed, so that the spread is visible
-            ax.scatter([r["table_params"]] * len(r["seeds"]), [s["final_val_loss"] for s in r["seeds"].values()],
-                       color=line.get_color(), s=10, alpha=0.5)
-        if variant in memory["fits"]:
-            fit = memory["fits"][variant]
-            xs = np.array([r["table_params"] for r in rows if r["log2_rows"] in fit["log2_rows"]])
-            ax.plot(xs, fit["intercept"] + fit["slope_per_doubling"] * np.log2(xs), "--", color=line.get_color(),
-                    label=f"{variant} fit: {fit['slope_per_doubling']:+.3f} per doubling")
-        ax_t.plot(x, [r["step_ms"] for r in rows], marker="o", color=line.get_color(), label=variant)
-    params_per_row = memory["rows"][0]["table_params"] / memory["rows"][0]["rows_per_head"]  # gated: all heads
-    for n, style in ((2, ":"), (3, "-.")):
-        ax.axvline(memory["distinct_ngrams"][n] * params_per_row, color="gray", linestyle=style,
-                   label=f"rows per head = distinct {n}-grams in train ({memory['distinct_ngrams'][n]:,})")
-    if moe and "final_val_loss" in moe:
-        ax.axhline(moe["final_val_loss"]["mean"], color="black", linewidth=1, label="moe, no memory")
-        ax_t.axhline(1000 * memory["tokens_per_step"] / moe["tok_per_s"], color="black", linewidth=1,
-                     label="moe, no memory")
-    for a, ylabel in ((ax, "final validation loss"), (ax_t, "step time (ms)")):
-        a.set_xscale("log")
-        a.set_xlabel("Engram table parameters")
-        a.set_ylabel(ylabel)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    ax_t.set_ylim(bottom=0)
-    fig.suptitle("Memory scaling: only the Engram table grows (backbone, steps and batch fixed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(results, path):
-    """Validation loss against tokens and against seconds: the mean over seeds, a band from min to max."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    lows, tops = [], []
-    for name, a in results["arms"].items():
-        curves = [s["curve"] for s in a["seeds"].values()]
-        if not curves:
-            continue
-        # iter 0 (the untrained loss, ~ln vocab) is left out: it would flatten every difference that matters
-        n = min(len(c["iter"]) for c in curves)  # same schedule, so the same eval iters (unless one was extended)
-        loss = np.array([c["val_loss"][1:n] for c in curves])  # (seeds, evals)
-        tokens = np.array(curves[0]["tokens"][1:n])
-        seconds = np.mean([c["elapsed_s"][1:n] for c in curves], axis=0)  # each seed's timing differs a little
-        for ax, x in zip(axes, (tokens, seconds)):
-            line, = ax.plot(x, loss.mean(0), label=name)
-            ax.fill_between(x, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.2)
-        lows.append(loss.min())
-        tops.append(loss.mean(0)[len(tokens) // 4])  # the first quarter of training is far above the rest
-    if lows and max(tops) > min(lows):
-        pad = 0.03 * (max(tops) - min(lows))
-        axes[0].set_ylim(min(lows) - pad, max(tops) + pad)
-    axes[0].set_xlabel("training tokens")
-    axes[1].set_xlabel("wall-clock seconds")
-    axes[0].set_ylabel("validation loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if lows:
-            ax.legend()
-    fig.suptitle("Engram vs MoE on TinyStories: validation loss (line = mean over seeds, band = min..max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_allocation(results, path):
-    """Final validation loss against the share of the sparse budget given to Engram (the paper's U-curve)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    points = [p for p in results["sweep"] if "final_val_loss" in p]
-    for p in points:
-        ax.scatter([p["table_share"]] * len(p["seeds"]), [s["final_val_loss"] for s in p["seeds"].values()],
-                   color="gray", s=12, alpha=0.6)
-    ax.errorbar([p["table_share"] for p in points], [p["final_val_loss"]["mean"] for p in points],
-                yerr=[p["final_val_loss"]["std"] for p in points], marker="o", capsize=4,
-                label="mean ± std over seeds")
-    ax.set_xlabel("share of the sparse parameter budget held by Engram tables")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("Allocation sweep at fixed total and active parameters")
-    ax.grid(alpha=0.3)
-    if points:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def distinct_ngrams(meta, data_cfg, model_cfg):
     """{2: n, 3: n}: distinct 2- and 3-grams of canonical ids (after Engram's tokenizer compression) in
     the train split. A head with more rows than its order has distinct N-grams cannot store more:
@@ -756,8 +655,13 @@ def report(cfg, argv, arms, sweep, memory, meta, base):
         if without in arm_results:
             arm_results[name]["vs_one_stream"] = {"arm": without, **(versus_moe(arm_results[name], arm_results[without]) or {})}
     finals = [s["tokens"] for a in arm_results.values() for s in a["seeds"].values()]
-    results = {"command": " ".join(["python compare.py", *map(shlex.quote, argv)]),
-               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(cfg), "preset": cfg.preset,
+    # the command that trains these runs (a --summarize_only rerun writes the same file), dated by its last run
+    logs = [os.path.join(s["dir"], "log.jsonl") for a in arm_results.values() for s in a["seeds"].values()]
+    finished = max((os.path.getmtime(p) for p in logs if os.path.exists(p)), default=time.time())
+    results = {"command": " ".join(["python compare.py", *map(shlex.quote, (a for a in argv if not
+                                                                             a.startswith("--summarize_only")))]),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z", time.gmtime(finished)).replace("GMT", "UTC"),
+               "hardware": hardware(cfg), "preset": cfg.preset,
                "train_tokens": meta["train_tokens"], "epochs": max(finals) / meta["train_tokens"] if finals else None,
                "arms": arm_results, "engram_verdict": engram_verdict(arm_results),
                "sweep": [summarize_group(g, cfg, vocab_size) for g in sweep],
@@ -766,11 +670,12 @@ def report(cfg, argv, arms, sweep, memory, meta, base):
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_markdown(results, os.path.join(cfg.out_dir, "results.md"))
-    plot_curves(results, os.path.join(cfg.out_dir, "compare.png"))
+    harness.save_figure(plots.curves(results), os.path.join(cfg.out_dir, "compare.png"), dpi=120)
     if results["sweep"]:
-        plot_allocation(results, os.path.join(cfg.out_dir, "allocation.png"))
+        harness.save_figure(plots.allocation(results), os.path.join(cfg.out_dir, "allocation.png"), dpi=120)
     if results["memory"]:
-        plot_memory(results, os.path.join(cfg.out_dir, "memory_scaling.png"))
+        harness.save_figure(plots.memory_scaling(results, MEMORY_VARIANTS), os.path.join(cfg.out_dir,
+                                                                                        "memory_scaling.png"), dpi=120)
     with open(os.path.join(cfg.out_dir, "results.md")) as f:
         print(f.read())
 

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cli  # check_numbers: the checks every config's numbers get
-import kernels  # the hash-and-gather of §2-3: a Triton kernel on a GPU, plain PyTorch otherwise
-import memory  # tables that do not live whole on the model's device: sharded, in host memory, on disk
+import kernels  # on a GPU, §2.2's hash and §3's gather fused in one Triton kernel (use_triton decides)
 
 
 @dataclass
@@ -50,19 +48,17 @@ class EngramConfig:  # names carry 'engram' or 'ngram' so that flat CLI flags ar
     engram_sparse: bool = True                  # train the tables sparsely: only the rows a batch looked up (§3)
 
     def __post_init__(self):
-        cli.check_numbers(self, nonneg=("engram_lr_mult", "engram_weight_decay"), seeds=("engram_seed",))
+        cli.check_numbers(self, at_least_1=("engram_heads_per_order", "engram_kernel_size"),
+                          nonneg=("engram_lr_mult", "engram_weight_decay"), seeds=("engram_seed",),
+                          one_of={"engram_hash": ("demo", "v41")})
         orders = self.ngram_orders
         if not orders or min(orders) < 1 or len(set(orders)) != len(orders):
             raise ValueError(f"ngram_orders={','.join(map(str, orders))} must be distinct orders >= 1, e.g. 2,3")
-        if self.engram_heads_per_order < 1 or self.engram_dim_per_order % self.engram_heads_per_order:
+        if self.engram_dim_per_order < 1 or self.engram_dim_per_order % self.engram_heads_per_order:
             raise ValueError(f"engram_dim_per_order={self.engram_dim_per_order} must split evenly into "
                              f"engram_heads_per_order={self.engram_heads_per_order} heads")
-        if self.engram_rows_per_head < 2 or self.engram_kernel_size < 1:
-            raise ValueError("engram_rows_per_head must be >= 2 and engram_kernel_size >= 1")
-        if not isinstance(self.engram_short_conv, bool):
-            raise ValueError(f"--engram_short_conv={self.engram_short_conv}: expected true or false")
-        if self.engram_hash not in ("demo", "v41"):
-            raise ValueError(f"--engram_hash={self.engram_hash}: expected demo or v41")
+        if self.engram_rows_per_head < 2:
+            raise ValueError(f"--engram_rows_per_head={self.engram_rows_per_head}: must be at least 2")
         if self.engram_hash == "v41" and self.engram_seed:
             raise ValueError(f"--engram_seed={self.engram_seed}: unused by --engram_hash=v41 (it seeds each layer "
                              "with 10007 x its block index); leave it at 0")
@@ -146,9 +142,31 @@ class TokenizerCompression(nn.Module):
 # primes, so two N-grams that collide in one head almost never collide in the others,
 # and the model can tell them apart from the concatenation of all heads:
 #     hash(n, head)_t = (XOR_{j<n} c_{t-j} * m_j) mod p_head     c: canonical ids, m: odd multipliers
-# The arithmetic itself, fused with the gather of §3, is kernels.engram_lookup: one Triton
-# kernel on a GPU, and beside it its plain-PyTorch reference (kernels.hash_ngrams), which
-# is what runs on a CPU. Here: the primes, the multipliers and the left context it reads.
+# hash_ngrams below is that line for every head at once; the primes, the multipliers and
+# the left context it reads follow it.
+
+def hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order):
+    """Multi-head N-gram hash of one Engram layer: rows (B, T, H) int64 into its table.
+
+    context (B, P+T) canonical ids, the first P = max_order-1 the left context (earlier ids or the pad
+    id) that completes the first N-grams; multipliers (max_order,) odd; head_primes, head_offsets (H,)
+    each head's table size and first row, heads order-major (all of ngram_orders[0] first).
+    row(n, head)_t = (XOR_{j<n} c_{t-j} * m_j) mod p_head + offset_head
+    Every c < pad+1 and every m < 2**62 // (pad+1), so no product overflows int64 and the
+    XOR stays non-negative: the modulo is a plain non-negative remainder.
+    """
+    max_order = multipliers.shape[0]
+    T = context.shape[1] - (max_order - 1)
+    mixes, mix = {}, None
+    for j in range(max_order):  # j = 0 is the current token, j = 1 the one before, ...
+        start = max_order - 1 - j
+        term = context[:, start:start + T] * multipliers[j]  # (B, T): c_{t-j} * m_j
+        mix = term if mix is None else torch.bitwise_xor(mix, term)
+        mixes[j + 1] = mix  # (B, T): hash of the suffix (j+1)-gram, before the modulo
+    rows = [mixes[n][..., None] % head_primes[i * heads_per_order:(i + 1) * heads_per_order]  # (B, T, K)
+            for i, n in enumerate(ngram_orders)]
+    return torch.cat(rows, dim=-1) + head_offsets  # (B, T, H)
+
 
 def is_prime(n: int) -> bool:
     """Trial division by 2, 3 and numbers 6k +- 1 up to sqrt(n); fast enough for tables of 1e9 rows."""
@@ -214,9 +232,37 @@ def table_params(cfg: EngramConfig) -> int:
 # Sparse training (engram_sparse): a step looks up 16 x 128 tokens x 8 heads = 16K rows however
 # large the table, so the gradient is those rows and their values (a sparse COO tensor), and
 # GPT.configure_optimizers updates only them, with lazy Adam (torch.optim.SparseAdam): the table
-# can grow 500x at a flat step cost (the paper's systems claim). Unlike dense Adam, lazy Adam leaves a
-# row the batch missed as it was, not moved on stale momentum; on the CPU preset it ends lower
-# (README: 3.404 against 3.502 at 2^16 rows per head, 3.345 against 3.359 at 4,099).
+# can grow at a flat step cost (the paper's systems claim). Unlike dense Adam, lazy Adam leaves a
+# row the batch missed as it was, not moved on stale momentum (RESULTS.md, "Scalable memory").
+
+def lookup(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order, table, sparse=False):
+    """e_t of one layer straight from canonical ids: hash_ngrams, then one gather for every head from the
+    layer's table (sum of primes, head_dim) -> (B, T, H * head_dim), heads side by side, order-major.
+    sparse=True gives the table a sparse COO gradient holding only the looked-up rows."""
+    if kernels.use_triton(table.device, "engram_lookup", table.dtype):  # the hash and the gather in one kernel
+        return kernels.engram_lookup(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order,
+                                     table, sparse)
+    rows = hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order)  # (B, T, H)
+    return (sparse_embedding(rows, table) if sparse else F.embedding(rows, table)).flatten(-2)
+
+
+@torch.compiler.disable
+def sparse_embedding(rows, table):
+    """F.embedding with a sparse gradient, kept out of torch.compile's graphs: Inductor's post-grad passes
+    cannot hold a sparse tensor ("Cannot access storage of SparseTensorImpl"), so under --compile this
+    lookup and its backward run eagerly, between the compiled parts."""
+    return F.embedding(rows, table, sparse=True)
+
+
+class Table(nn.Embedding):
+    """One layer's rows of every head, resident on the model's device: weight (sum of primes, head_dim).
+    Rows that live elsewhere (on other ranks, in host memory, in a file) are memory.py's tables, which
+    answer the same lookup."""
+
+    def lookup(self, context, layer):  # (B, P+T) canonical ids -> (B, T, H * head_dim)
+        return lookup(context, layer.multipliers, layer.head_primes, layer.head_offsets, layer.cfg.ngram_orders,
+                      layer.cfg.engram_heads_per_order, self.weight, self.sparse)
+
 
 # -----------------------------------------------------------------------------
 # 4. Context-aware gating (§2.3)
@@ -301,7 +347,7 @@ class Engram(nn.Module):
         self.register_buffer("head_primes", primes)
         self.register_buffer("head_offsets", primes.cumsum(0) - primes)  # (H,) each head's first row
         self.n_rows, self.head_dim = int(primes.sum()), head_dim
-        self.table = nn.Embedding(self.n_rows, head_dim, sparse=cfg.engram_sparse, device=table_device)  # every head's rows
+        self.table = Table(self.n_rows, head_dim, sparse=cfg.engram_sparse, device=table_device)  # every head's rows
         self.value_proj = nn.Linear(d_mem, dim, bias=False)  # W_V
         if self.use_gate:
             self.key_proj = nn.Linear(d_mem, n_streams * dim, bias=False)  # every stream's W_K, side by side
@@ -310,6 +356,7 @@ class Engram(nn.Module):
         self.short_conv = ShortConv(dim, cfg.engram_kernel_size, max(cfg.ngram_orders), n_streams) \
             if cfg.engram_short_conv else None  # DeepSeek-V4.1 has none: Y = V~
         self.last_gate = None  # (B, T, n) gates of the last forward, detached (for sample.py --show_gates)
+        self.knockout = False  # True: the block skips this layer's output (analyze.py's knockout, paper §6.3)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -325,12 +372,7 @@ class Engram(nn.Module):
     def forward(self, h, context, cache: dict | None = None):
         # h (B, T, n, dim) hidden states of the n streams, context (B, P+T) canonical ids
         # (TokenizerCompression) -> (B, T, n, dim)
-        if isinstance(self.table, nn.Embedding):  # resident: the hash and the gather fused (one kernel on a GPU)
-            e = kernels.engram_lookup(context, self.multipliers, self.head_primes, self.head_offsets,
-                                      self.cfg.ngram_orders, self.cfg.engram_heads_per_order, self.table.weight,
-                                      sparse=self.table.sparse)  # (B, T, d_mem)  e_t: every head's row, side by side
-        else:  # the rows live elsewhere (memory.py): on other ranks, in host memory or in a file
-            e = self.table.lookup(context, self.rows_of).flatten(-2)  # (B, T, H, head_dim) -> (B, T, d_mem)
+        e = self.table.lookup(context, self)  # (B, T, d_mem)  e_t: every head's row, side by side (§2.2-3)
         value = self.value_proj(e)[:, :, None]  # (B, T, 1, dim)  v_t = W_V e_t, one for every stream
         if self.use_gate:
             keys = self.key_proj(e).unflatten(-1, (self.n_streams, -1))  # (B, T, n, dim)  k_t^(m) = W_K^(m) e_t
@@ -343,26 +385,12 @@ class Engram(nn.Module):
             return value
         return value + self.short_conv(value, cache)  # (B, T, n, dim)
 
-    def rows_of(self, context):
+    def rows(self, context):
         """(B, P+T) canonical ids -> (B, T, H) this layer's table rows (§2.2's hash), on context's device:
         what a table that lives elsewhere is asked for (memory.py)."""
         on = context.device
-        return kernels.hash_ngrams(context, self.multipliers.to(on), self.head_primes.to(on), self.head_offsets.to(on),
-                                   self.cfg.ngram_orders, self.cfg.engram_heads_per_order)
-
-    def shard_table(self, rank: int, world: int):
-        """Keep only the rows this rank owns (row r on rank r % world); the others are fetched (memory.py)."""
-        self.table = memory.ShardedTable(self.table.weight, rank, world)
-
-    def offload_table(self, where: str, device, rows=None):
-        """The table's rows to host memory (where='host': rows, a tensor; None = the weights as they are) or
-        to a file (where='disk': rows, its (n_rows, head_dim) np.memmap); the rest stays on the device."""
-        self.table = memory.OffloadedTable(where, device, self.table.weight if rows is None else rows)
-
-    def prefetch(self, context):
-        """Start gathering this context's rows, if they live off the device (called before block 0 runs)."""
-        if isinstance(self.table, memory.OffloadedTable):
-            self.table.prefetch(context, self.rows_of)
+        return hash_ngrams(context, self.multipliers.to(on), self.head_primes.to(on), self.head_offsets.to(on),
+                           self.cfg.ngram_orders, self.cfg.engram_heads_per_order)
 
     def custom_param_groups(self) -> list[dict]:
         # the tables get their own optimiser group: Adam lr x 5, no weight decay (paper);
@@ -374,20 +402,3 @@ class Engram(nn.Module):
     def n_table_params(self) -> int:
         # looked up, not multiplied: not "active" compute parameters; counted whole wherever the rows live
         return self.n_rows * self.head_dim
-
-    def average_table_grad(self):
-        """DDP for the sparse table gradient (DDP itself skips the table): every rank's touched
-        rows and their values are gathered and divided by the world size, as DDP averages a
-        dense gradient. Nothing table-sized is formed; all_gather needs equal sizes, hence the pad."""
-        grad, world = self.table.weight.grad.coalesce(), dist.get_world_size()
-        count = torch.tensor([grad._nnz()], device=grad.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        pad = int(max(counts)) - grad._nnz()
-        rows, values = F.pad(grad._indices()[0], (0, pad)), F.pad(grad._values(), (0, 0, 0, pad))
-        all_rows, all_values = [torch.empty_like(rows) for _ in counts], [torch.empty_like(values) for _ in counts]
-        dist.all_gather(all_rows, rows)
-        dist.all_gather(all_values, values)
-        rows = torch.cat([r[:int(n)] for r, n in zip(all_rows, counts)])  # (sum of counts,)
-        values = torch.cat([v[:int(n)] for v, n in zip(all_values, counts)]) / world  # (sum of counts, head_dim)
-        self.table.weight.grad = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False)

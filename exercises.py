@@ -48,7 +48,7 @@ EXERCISES = [
               "tests/test_engram.py::test_compression_on_gpt2_vocab"),
              "NFKC, then drop accents (NFD, no combining marks), lower-case, one space per whitespace run, "
              "strip; equal keys share a dense canonical id"),
-    Exercise("engram-hash", "2: Engram's memory", "kernels.py", ("hash_ngrams",),
+    Exercise("engram-hash", "2: Engram's memory", "engram.py", ("hash_ngrams",),
              ("tests/test_kernels.py::test_hash_ngrams_is_the_xor_of_products_modulo_each_heads_prime",
               "tests/test_engram.py::test_hash_is_deterministic_and_matches_reference",
               "tests/test_engram.py::test_same_ngram_same_rows_at_any_position",
@@ -65,7 +65,7 @@ EXERCISES = [
              "cache the last self.context normed inputs"),
     Exercise("moe-dispatch", "4: DeepSeekMoE", "moe.py", ("dispatch_to_experts",),
              ("tests/test_moe.py::test_dispatch_to_experts_matches_a_loop_over_tokens",),
-             "argsort the (token, choice) pairs by expert, run kernels.moe_grouped_swiglu on the sorted rows, "
+             "argsort the (token, choice) pairs by expert, run run_experts on the sorted rows, "
              "weight them and index_add them back to their tokens"),
     Exercise("moe-group-routing", "4: DeepSeekMoE", "moe.py", ("limit_to_best_groups", "route"),
              ("tests/test_moe.py::test_bias_changes_choice_not_weight_formula",
@@ -79,7 +79,7 @@ EXERCISES = [
               "tests/test_moe.py::test_bias_unchanged_when_gamma_is_zero",
               "tests/test_moe.py::test_bias_updates_balance_a_skewed_router"),
              "b += gamma * sign(mean load - load) from the counts (all-reduced under DDP), then reset them"),
-    Exercise("mla-absorbed-decode", "5: MLA and the KV cache", "mla.py", ("MLA._attend_absorbed",),
+    Exercise("mla-absorbed-decode", "5: MLA and the KV cache", "mla.py", ("MLA._attend_absorbed", "latent_attention"),
              ("tests/test_kernels.py::test_mla_decode_reference_is_mlas_absorbed_attention_for_one_token",
               "tests/test_mla.py::test_chunked_absorbed_decode_matches_explicit_kv",
               "tests/test_mla.py::test_token_by_token_decode_matches_full_forward"),

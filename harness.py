@@ -2,23 +2,29 @@
 (checkpoint, log.jsonl, loss.png, gates.png) and its processes (DDP ranks, stop signals).
 sample.py and compare.py read and write the same files through it.
 """
+import dataclasses
 import errno
 import inspect
 import json
+import math
 import os
 import shutil
+import sys
 import signal
 import time
 
-import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
+import kernels
+import memory
+import mhc
+import plots
 from cli import ConfigError
-
-matplotlib.use("Agg")  # plots go to files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from data import Tokenizer
+from model import GPT, GPTConfig
 
 
 # ----------------------------------------------------------------------------- a run's files
@@ -48,6 +54,13 @@ def load_checkpoint(path: str) -> dict:
         raise ConfigError(f"checkpoint {path} is not a nano-engram checkpoint")
     ckpt["model"] = {plain_name(k): v for k, v in ckpt["model"].items()}
     return ckpt
+
+
+def saved_config(out_dir: str) -> dict:
+    """The config saved with the run in out_dir (its checkpoint's), for --resume; a run training there now
+    is said to be so, not taken for an odd checkpoint."""
+    check_unlocked(out_dir)
+    return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]
 
 
 def plain_name(key: str) -> str:
@@ -87,6 +100,34 @@ def check_out_dir(cfg):
         raise ConfigError(f"--out_dir={cfg.out_dir} holds a run already; continue it with --resume, choose "
                               "another --out_dir, or replace it with --overwrite=true")
     take_lock(cfg.out_dir)
+
+
+def check_run(cfg, ddp: bool, world: int, master: bool) -> int:
+    """Everything a run can be refused for before it starts, changing nothing but taking out_dir's lock: where
+    the Engram tables live and whether they fit (memory.py), and the run folder (check_out_dir). Warns of a
+    Sinkhorn count that makes every step slow. Returns how many shards each table is cut into (1 unless
+    sharded over the torchrun ranks)."""
+    shards = memory.check_placement(cfg, ddp, world, master)
+    memory.check_tables_fit(cfg.model.engram, "cpu" if cfg.engram_offload else cfg.device, shards)
+    on_first_rank(lambda: check_out_dir(cfg), ddp)
+    if master and (note := mhc.sinkhorn_warning(cfg.model, cfg.batch_size * cfg.gradient_accumulation_steps,
+                                                 cfg.device)):
+        print(note, file=sys.stderr)
+    return shards
+
+
+def done_line(out_dir, val_loss, val_bpb, it, tokens, elapsed) -> str:
+    """The run's last line: where it ended and where its files are."""
+    return (f"done: val loss {val_loss:.4f} ({val_bpb:.4f} bits per byte) after {it:,} steps, {tokens:,} tokens, "
+            f"{elapsed / 60:.1f} min ({tokens / elapsed:,.0f} tok/s, evaluations included); checkpoint "
+            f"{os.path.join(out_dir, 'ckpt.pt')}, log {os.path.join(out_dir, 'log.jsonl')}, plot "
+            f"{os.path.join(out_dir, 'loss.png')}")
+
+
+def first_record(val_loss: float, val_bpb: float, extra: dict) -> dict:
+    """log.jsonl's record of step 0: the untrained model's loss, nothing trained yet."""
+    return {"iter": 0, "tokens": 0, "train_loss_mean": None, "train_loss_last": None, "val_loss": val_loss,
+            "val_bpb": val_bpb, "lr": 0.0, "tok_per_s": 0.0, "elapsed_s": 0.0, **extra}
 
 
 def begin_run(cfg):
@@ -210,6 +251,38 @@ def restore(ckpt, model, optimizers, rng, scaler):
     return ckpt["iter"], ckpt["tokens"], ckpt["elapsed_s"]
 
 
+def load_run(out_dir, device, offload=""):
+    """The trained GPT (in eval mode, on device) and its tokenizer from out_dir/ckpt.pt. offload='host' or
+    'disk': Engram's tables are never made on the device (memory.OffloadedTable); 'disk' reads them from
+    out_dir/engram_tables.bin, written from the checkpoint the first time, so no table need fit in memory."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)  # memory-mapped: a table is read only where it is used
+    try:
+        cfg = GPTConfig.from_dict(ckpt["config"]["model"])
+        tables = {k: v for k, v in ckpt["model"].items() if k.endswith(".engram.table.weight")}
+        if offload and not tables:
+            raise ConfigError(f"--engram_offload={offload}: {path} has no Engram table (it was trained with "
+                                  "--engram=off); drop the flag")
+        model = GPT(cfg, table_device="meta" if offload else None)
+        missing = model.load_state_dict({k: v for k, v in ckpt["model"].items() if not (offload and k in tables)},
+                                        strict=not offload).missing_keys
+        if set(missing) != (set(tables) if offload else set()):
+            raise RuntimeError(f"missing {sorted(set(missing) - set(tables))[:3]}")
+        tok = Tokenizer.from_meta(ckpt["meta"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # written by another version of the code?
+        raise ConfigError(f"checkpoint {path} does not fit this code ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]}); retrain it") from None
+    if offload == "disk":
+        if not os.path.exists(os.path.join(out_dir, memory.MANIFEST)):
+            memory.write_table_file(out_dir, tables)  # a one-line error, and no note, if it cannot be written
+            print(f"note: wrote {os.path.join(out_dir, memory.TABLE_FILE)} from the checkpoint, once "
+                  f"({sum(t.numel() for t in tables.values()) * 4 / 2**20:,.1f} MiB)", file=sys.stderr)
+        tables = memory.open_table_file(out_dir, tables)
+    if offload:
+        memory.offload_tables(model, offload, device, tables)
+    return model.to(device).eval(), tok
+
+
 def save_checkpoint(path: str, state: dict):
     """Atomic: the state goes to path.tmp, which then replaces path, so that a crash or a full disk
     never leaves a broken checkpoint; on failure the .tmp is removed and the previous one stays."""
@@ -290,65 +363,23 @@ def trim_log(path: str, last_iter: int):
     write_atomic(path, kept)
 
 
-def plot_losses(records: list, path: str):
-    """Train and validation loss against training tokens, from log.jsonl's records, as a PNG."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    trained = [r for r in records if r.get("train_loss_mean") is not None]
-    ax.plot([r["tokens"] for r in trained], [r["train_loss_mean"] for r in trained], ".-",
-            label="train (mean over the steps since the previous evaluation)")
-    ax.plot([r["tokens"] for r in records], [r["val_loss"] for r in records], "o-", label="validation")
-    if len(records) > 2:  # the untrained model's loss (~ln vocab) would flatten the rest of the curve
-        ax.set_ylim(top=max(r["val_loss"] for r in records[1:]) + 0.5)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig, path: str, **kwargs):
-    """A PNG written atomically (replace_file), closing the figure; one line if the disk is full."""
+def save_figure(fig, path: str, dpi: int = 110, **kwargs):
+    """A figure (plots.py) as a PNG written atomically (replace_file), then closed; one line if the disk is full."""
     try:
-        replace_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, **kwargs))
+        replace_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, **kwargs))
     finally:
-        plt.close(fig)
+        plots.close(fig)
 
 
 def save_evaluation(out_dir: str, record: dict, state: dict) -> str:
     """An evaluation's record in log.jsonl, the loss plot, and the checkpoint; returns the line to show."""
     log_path = os.path.join(out_dir, "log.jsonl")
     append_log(log_path, record)
-    plot_losses(read_log(log_path), os.path.join(out_dir, "loss.png"))
+    save_figure(plots.losses(read_log(log_path)), os.path.join(out_dir, "loss.png"))
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
     return (f"iter {record['iter']}: val {record['val_loss']:.4f} | train {record['train_loss_mean']:.4f} "
             f"(mean since the last evaluation), {record['train_loss_last']:.4f} (last step) | "
             f"{record['tok_per_s']:,.0f} tok/s, {record['elapsed_s']:.0f}s")
-
-
-def plot_gates(gates: dict, pieces: list, png_path: str):
-    """sample.py --show_gates: Engram's gate over the tokens as a heatmap, one row per Engram block or
-    stream ({row label: (T,) gate values}), each cell labelled with its token, in strips of 32 tokens."""
-    matrix = torch.stack(list(gates.values())).numpy()  # (n_layers, T)
-    per_row = 32  # tokens per strip, so long stories stay legible
-    n_rows = (len(pieces) + per_row - 1) // per_row
-    fig, axes = plt.subplots(n_rows, 1, figsize=(16, n_rows * (1.2 * len(gates) + 0.25)), squeeze=False)
-    for r, ax in enumerate(axes[:, 0]):
-        strip = np.full((len(gates), per_row), np.nan)  # the last strip is padded, so cells keep one width
-        values = matrix[:, r * per_row:(r + 1) * per_row]
-        strip[:, :values.shape[1]] = values
-        im = ax.imshow(strip, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        for j, piece in enumerate(pieces[r * per_row:(r + 1) * per_row]):
-            for row in range(len(gates)):  # the token itself, written in its cell
-                ax.text(j, row, piece.strip() or repr(piece), rotation=90, ha="center", va="center", fontsize=8,
-                        color="black" if values[row, j] > 0.5 else "white")
-        ax.set_xticks([])
-        ax.set_yticks(range(len(gates)))
-        ax.set_yticklabels(list(gates), fontsize=8)
-    axes[0, 0].set_title("Engram gate alpha_t per token (bright = memory let in, dark = gated out)")
-    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    save_figure(fig, png_path, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- processes: DDP and stop signals
@@ -447,3 +478,110 @@ class StopRequest:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class Guard:
+    """What ends or skips a training step, decided alike on every rank (agree): a non-finite loss or
+    gradient stops the run without saving; under fp16 a gradient that overflowed means the loss scale is
+    too high, so every optimizer skips the step and GradScaler halves the scale, but MAX_OVERFLOWS in a row
+    count as divergence (a real one overflows at any scale); Ctrl-C or SIGTERM (StopRequest, from now on)
+    ends the run after this step, saved."""
+
+    MAX_OVERFLOWS = 20  # fp16: from a scale of 2^16, 20 halvings reach 2^-4; overflowing still is divergence
+
+    def __init__(self, ddp: bool, device: str, scaler, ckpt_path: str):
+        self.ddp, self.device, self.scaler, self.ckpt_path = ddp, device, scaler, ckpt_path
+        self.overflows_in_a_row, self.skipped = 0, 0  # skipped: steps skipped since the last log record
+        self.stop = StopRequest()
+
+    @property
+    def signal(self):
+        return self.stop.signal
+
+    def check(self, it: int, losses: list, grad_norm: float):
+        """(skip this step, stop after it, the error line if the run must end now else '')."""
+        bad_loss, bad_grad, stopping = agree(self.ddp, self.device, not all(map(math.isfinite, losses)),
+                                             not math.isfinite(grad_norm), self.stop.signal is not None)
+        overflow = bad_grad and self.scaler.is_enabled() and not bad_loss
+        self.overflows_in_a_row = self.overflows_in_a_row + 1 if overflow else 0
+        if bad_loss or (bad_grad and not overflow) or self.overflows_in_a_row > self.MAX_OVERFLOWS:
+            what = (f"the fp16 gradient overflowed {self.overflows_in_a_row} steps in a row (loss scale now "
+                    f"{self.scaler.get_scale():.1e})" if overflow else "loss or gradient became non-finite")
+            return overflow, stopping, (f"error: {what} at iter {it} (last loss {losses[-1]}); stopping without "
+                                        f"saving. The last good checkpoint, if any, is {self.ckpt_path}. Try a lower "
+                                        "--learning_rate" + (" or --dtype=float32." if self.scaler.is_enabled() else "."))
+        self.skipped += overflow
+        return overflow, stopping, ""
+
+    def log_fields(self) -> dict:
+        """fp16: the loss scale now, and the steps skipped since the last record; {} otherwise."""
+        if not self.scaler.is_enabled():
+            return {}
+        fields, self.skipped = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped}, 0
+        return fields
+
+    def close(self):
+        self.stop.restore()
+
+
+class Window:
+    """What the log records of the steps since the last evaluation: their losses, their MoE load (each
+    layer's max over mean expert load, GPT.update_router_biases) and their tokens per second."""
+
+    def __init__(self):
+        self.losses, self.loads, self.tokens, self.t0, self.speed = [], [], 0, time.time(), 0.0
+
+    def add(self, losses: list, load: dict, tokens: int):
+        self.losses += losses
+        self.last_loss = losses[-1]
+        if load:
+            self.loads.append({k: v["max_over_mean"] for k, v in load.items()})
+        self.tokens += tokens
+        self.speed = self.tokens / max(time.time() - self.t0, 1e-9)
+
+    def tok_per_s(self) -> float:
+        return self.speed
+
+    def train_fields(self) -> dict:
+        return {"train_loss_mean": float(np.mean(self.losses)), "train_loss_last": self.last_loss}
+
+    def load_fields(self) -> dict:
+        """The mean over the window's steps of each MoE layer's max/mean expert load; {} without MoE."""
+        if not self.loads:
+            return {}
+        return {"moe_max_over_mean": {str(k): round(float(np.mean([s[k] for s in self.loads])), 3)
+                                      for k in self.loads[0]}}
+
+
+def announce(cfg, model, tok, meta, world, it, dtype):
+    """What is about to train, on what data, where and how; the whole config goes to config.json."""
+    write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+    counts, engram = model.param_counts(), cfg.model.engram
+    sparse = " (sparse)" if engram.engram_sparse and engram.engram_layers else ""
+    print(f"model: attn={cfg.model.attn} ffn={cfg.model.ffn} engram_layers={list(engram.engram_layers)} | "
+          f"params total {counts['total'] / 1e6:.2f}M, active/token {counts['active'] / 1e6:.2f}M, "
+          f"engram tables {counts['engram_tables'] / 1e6:.2f}M{sparse} "
+          f"| vocab {tok.vocab_size}")
+    if model.compression is not None:
+        print(f"engram: tokenizer compression {tok.vocab_size:,} -> {model.compression.n_canonical:,} canonical ids "
+              f"({100 * model.compression.reduction:.1f}% fewer); n-gram orders {list(engram.ngram_orders)}")
+    print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; preset={cfg.preset} "
+          f"device={cfg.device} world={world}" + (f"; resuming at iter {it}" if it else ""))
+    hardware = cli.describe_device(cfg.device)
+    cc = f", compute capability {'.'.join(map(str, hardware['capability']))}" if hardware["capability"] else ""
+    how = {"float32": "float32", "bfloat16": "bfloat16 autocast", "float16": "float16 autocast with loss scaling"}
+    plan = kernels.plan(cfg.device, getattr(torch, dtype))
+    uses = f"all {plan[kernels.OPS[0]]}" if len(set(plan.values())) == 1 else \
+        ", ".join(f"{op}={use}" for op, use in plan.items())
+    print(f"precision: {how[dtype]} (--dtype={cfg.dtype} on {hardware['name']}{cc}) | kernels: {uses}")
+    if note := dense_table_note(cfg, counts["engram_tables"]):
+        print(note)
+
+
+def dense_table_note(cfg, n: int) -> str:
+    """The line announce prints where cli.fit_to_device made the n table parameters dense: why, and the price."""
+    if cfg.device != "mps" or cfg.model.engram.engram_sparse or not cfg.model.engram.engram_layers:
+        return ""
+    return (f"note: MPS has no sparse tensors, so the Engram tables ({n / 1e6:.1f}M parameters) train densely: every "
+            f"step writes a {4 * n / 2**20:,.0f} MB gradient and AdamW moves every row (bench.py --engram_scaling "
+            "measures the dense step against the sparse one)")

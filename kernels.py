@@ -1,18 +1,15 @@
-"""Optional Triton kernels for nano-engram's three hot spots, each beside its PyTorch reference.
+"""Triton kernels for nano-engram's three hot spots, and the one switch that picks them.
 
-  1. engram_lookup          Engram's hash + gather of one layer, fused          (engram.py, paper §2.2)
-  2. moe_grouped_swiglu     all routed experts' SwiGLU as grouped GEMMs        (moe.py, DeepSeekMoE)
-  3. mla_decode_attention   MLA's absorbed attention for one new token, split-KV (mla.py, DeepSeek-V2 §2.1.2)
+  1. engram_lookup          Engram's hash + gather of one layer, fused           (engram.lookup, paper §2.2-3)
+  2. moe_grouped_swiglu     every routed expert's SwiGLU as grouped GEMMs         (moe.run_experts, DeepSeekMoE)
+  3. mla_decode_attention   MLA's absorbed attention for one new token, split-KV  (mla.latent_attention, V2 §2.1.2)
 
-One switch, like DeepSeek-V3's gemm_impl: the scripts call set_mode(--kernels, device, dtype) once and
-every op reads `mode`. "torch" runs the reference, "triton" the kernel, "auto" the kernel on CUDA tensors
-when triton is installed and the GPU and dtype suit that kernel (unsupported: sm80+), else the reference. This file imports nothing from the project and works without triton; no other file
-imports triton. Each section reads as the Triton tutorials do: the idea and its memory traffic, the
-PyTorch reference, the forward kernel, the backward kernel(s), the autograd Function and the public op.
-
-TRITON_INTERPRET=1 runs the kernels on the CPU in Triton's interpreter (how the tests check them without
-a GPU). @triton.jit reads it once, when this file is imported, so it must be set before. "auto" never
-picks the interpreter (far too slow for a default); --kernels=triton does.
+The math each kernel computes is written plainly in the file named beside it, which runs it unless
+use_triton(...) says the kernel applies (DeepSeek-V3's linear() pattern); the tests compare every kernel
+with that reference. Each section reads as the Triton tutorials do: the idea and its memory traffic, the
+pseudo-code, the tile table, the kernels, the autograd Function, the public op. Section 4 is the switch.
+TRITON_INTERPRET=1 runs the kernels on the CPU in Triton's interpreter (the tests do; set it before this
+file is imported). This file imports nothing from the project and works without triton installed.
 """
 import functools
 import math
@@ -20,7 +17,6 @@ import os
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -34,140 +30,6 @@ except ImportError:  # the kernels below are still defined, so the file reads th
 
 # whether the kernels below were built for the interpreter (fixed at import, as triton.jit does)
 INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-# Tiles and autotune configs. The interpreter gains nothing from tuning: one config per kernel, with
-# blocks small next to the tests' shapes so that they cross block edges. On a GPU the first configs
-# suit sm90 (228 KB shared memory); the tuner skips those that do not fit an older GPU.
-if INTERPRET:
-    ENGRAM_CONFIGS = [triton.Config({"BLOCK_T": 16}, num_warps=1)]
-    ENGRAM_BACKWARD_BLOCK_T, ENGRAM_BACKWARD_WARPS = 16, 1
-    GROUPED_BLOCK_M = 16
-    GROUPED_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1)]
-    WEIGHT_GRAD_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32, "BLOCK_K": 16}, num_warps=1)]
-    MLA_DECODE_CONFIGS = [triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=1)]
-    DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 16, 16
-else:
-    ENGRAM_CONFIGS = [
-        triton.Config({"BLOCK_T": 64}, num_warps=2),
-        triton.Config({"BLOCK_T": 128}, num_warps=4),
-        triton.Config({"BLOCK_T": 256}, num_warps=8),
-    ]
-    ENGRAM_BACKWARD_BLOCK_T, ENGRAM_BACKWARD_WARPS = 128, 4
-    GROUPED_BLOCK_M = 64  # rows per tile: fixed by the tile schedule; N, K blocks and pipelining are tuned
-    GROUPED_CONFIGS = [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    ]
-    WEIGHT_GRAD_CONFIGS = [
-        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    ]
-    MLA_DECODE_CONFIGS = [
-        triton.Config({"BLOCK_H": 16, "BLOCK_S": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_H": 16, "BLOCK_S": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_H": 32, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_H": 64, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),  # fits any GPU's shared memory
-    ]
-    DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 256, 64
-
-MODES = ("auto", "triton", "torch")
-OPS = ("engram_lookup", "moe_grouped_swiglu", "mla_decode_attention")
-mode = "auto"  # set once by the scripts from --kernels (set_mode); read by every op below
-
-# Which GPUs a kernel is known to suit. Triton's supported NVIDIA GPUs are compute capability 8.0+ (Ampere,
-# Ada, Hopper): since Triton 3.3 a tl.dot below sm80 compiles to plain FMA loops, without tensor cores
-# (triton-lang/triton PR 5066), far slower than the cuBLAS matmuls the references call. Every kernel here
-# compiles ahead of time for sm75 as well as sm90 (tests/test_kernels.py), but compiling is not running well,
-# so "auto" keeps V100s (7.0) and T4s (7.5) on the references. The tensor-core kernels (MoE, MLA decode)
-# take bf16, fp16 and fp32 (TF32 where torch's own matmuls use it) operands on sm80+.
-MIN_CAPABILITY = (8, 0)
-DOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def unsupported(op: str, capability, dtype) -> str:
-    """Why op's Triton kernel should not run on a CUDA GPU of this (major, minor) capability with operands
-    of this dtype; "" where it is known to compile and run."""
-    if tuple(capability) < MIN_CAPABILITY:
-        return (f"compute capability {capability[0]}.{capability[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
-                "the oldest Triton supports (its tl.dot has no tensor cores there)")
-    if op != "engram_lookup" and dtype not in DOT_DTYPES:  # the lookup only gathers rows: any dtype
-        return f"{str(dtype).replace('torch.', '')} operands have no tensor-core tl.dot here"
-    return ""
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device) -> tuple:
-    return torch.cuda.get_device_capability(device)
-
-
-def _compute_dtype(x):
-    """The dtype a kernel's tl.dot sees for x: autocast's on a GPU under autocast (the MoE op casts to it)."""
-    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-
-
-def set_mode(new_mode: str, device="cpu", dtype=torch.float32) -> None:
-    """Validate --kernels for the device the model runs on and its compute dtype (autocast's, or the
-    weights'), then set the module-level mode. --kernels=triton where a kernel cannot run is an error."""
-    global mode
-    if new_mode not in MODES:
-        raise ValueError(f"--kernels={new_mode!r}: expected one of {', '.join(MODES)}")
-    if new_mode == "triton" and not HAVE_TRITON:
-        raise ValueError("--kernels=triton: triton is not installed; use --kernels=torch (or auto)")
-    device = torch.device(device)
-    if new_mode == "triton" and device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"--kernels=triton: the tensors are on {device}, and the Triton kernels "
-                         "need a CUDA GPU (or TRITON_INTERPRET=1 set before kernels.py is imported, to "
-                         "run them slowly on the CPU); use --kernels=torch or auto")
-    if new_mode == "triton" and device.type == "cuda":
-        reasons = {unsupported(op, _capability(device), dtype) for op in OPS} - {""}
-        if reasons:
-            raise ValueError(f"--kernels=triton: {torch.cuda.get_device_name(device)} "
-                             f"{'; '.join(sorted(reasons))}; use --kernels=auto (the kernels that can run) or torch")
-    mode = new_mode
-
-
-def use_triton(device, op=None, dtype=torch.float32) -> bool:
-    """True when op (one of OPS; None: any kernel) should run its Triton kernel for tensors on device whose
-    tl.dot operands have dtype: "auto" picks it on a CUDA GPU where it is known to run (unsupported)."""
-    device = torch.device(device)
-    if mode == "auto":
-        return HAVE_TRITON and device.type == "cuda" and not INTERPRET and \
-            not unsupported(op or "engram_lookup", _capability(device), dtype)
-    return mode == "triton"
-
-
-def plan(device, dtype=torch.float32) -> dict:
-    """{op: 'triton' or 'torch (why)'} under the current mode, for announcing what a run will use."""
-    device, out = torch.device(device), {}
-    for op in OPS:
-        if use_triton(device, op, dtype):
-            out[op] = "triton"
-        elif mode == "torch":
-            out[op] = "torch (--kernels=torch)"
-        elif device.type != "cuda":
-            out[op] = f"torch (no CUDA GPU: {device.type})"
-        elif not HAVE_TRITON or INTERPRET:
-            out[op] = "torch (triton is not installed)" if not HAVE_TRITON else "torch (auto skips the interpreter)"
-        else:
-            out[op] = f"torch ({unsupported(op, _capability(device), dtype)})"
-    return out
-
-
-def _pow2_at_least_16(n: int) -> int:
-    # tl.arange needs a power of two, tl.dot operands at least 16 along each dimension
-    return max(16, 1 << max(0, n - 1).bit_length())
-
-
-def _dot_precision(dtype) -> str:
-    """tl.dot precision for float32 operands: TF32 only where torch's own matmuls use it too,
-    so that --kernels=triton and --kernels=torch agree to float tolerance."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if dtype == torch.float32 and tf32 else "ieee"
-
 
 # -----------------------------------------------------------------------------
 # 1. Engram fused lookup (paper §2.2): canonical ids -> every head's hash -> gathered rows
@@ -190,50 +52,25 @@ def _dot_precision(dtype) -> str:
 # Sparse (as F.embedding(sparse=True)): a kernel stores the (n_tokens, H) rows, and the gradient is the
 # COO tensor (rows, grad_out as (n_tokens * H, head_dim)): nothing table-sized is allocated or written.
 
-def hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order):
-    """Multi-head N-gram hash of one Engram layer: rows (B, T, H) int64 into its table.
-
-    context (B, P+T) canonical ids, the first P = max_order-1 the left context (earlier ids or the pad
-    id) that completes the first N-grams; multipliers (max_order,) odd; head_primes, head_offsets (H,)
-    each head's table size and first row, heads order-major (all of ngram_orders[0] first).
-    row(n, head)_t = (XOR_{j<n} c_{t-j} * m_j) mod p_head + offset_head
-    Every c < pad+1 and every m < 2**62 // (pad+1), so no product overflows int64 and the
-    XOR stays non-negative: the modulo is a plain non-negative remainder.
-    """
-    max_order = multipliers.shape[0]
-    T = context.shape[1] - (max_order - 1)
-    mixes, mix = {}, None
-    for j in range(max_order):  # j = 0 is the current token, j = 1 the one before, ...
-        start = max_order - 1 - j
-        term = context[:, start:start + T] * multipliers[j]  # (B, T): c_{t-j} * m_j
-        mix = term if mix is None else torch.bitwise_xor(mix, term)
-        mixes[j + 1] = mix  # (B, T): hash of the suffix (j+1)-gram, before the modulo
-    rows = [mixes[n][..., None] % head_primes[i * heads_per_order:(i + 1) * heads_per_order]  # (B, T, K)
-            for i, n in enumerate(ngram_orders)]
-    return torch.cat(rows, dim=-1) + head_offsets  # (B, T, H)
-
-
-def engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order, table,
-                            sparse=False):
-    """hash_ngrams, then one gather for every head from the layer's table (sum of primes, head_dim).
-    Returns e_t (B, T, H * head_dim), heads concatenated order-major. sparse=True gives the table a
-    sparse COO gradient that holds only the looked-up rows."""
-    rows = hash_ngrams(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order)
-    return (sparse_embedding(rows, table) if sparse else F.embedding(rows, table)).flatten(-2)
-
-
-@torch.compiler.disable
-def sparse_embedding(rows, table):
-    """F.embedding with a sparse gradient, kept out of torch.compile's graphs: Inductor's post-grad passes
-    cannot hold a sparse tensor ("Cannot access storage of SparseTensorImpl", torch 2.13), so under --compile
-    this lookup and its backward run eagerly, between the compiled parts."""
-    return F.embedding(rows, table, sparse=True)
+# Tile tables, one beside each kernel. The interpreter gains nothing from tuning: one config per kernel,
+# with blocks small next to the tests' shapes so that they cross block edges. On a GPU the first configs
+# suit sm90 (228 KB shared memory); the autotuner skips those that do not fit an older GPU.
+if INTERPRET:
+    ENGRAM_CONFIGS = [triton.Config({"BLOCK_T": 16}, num_warps=1)]
+    ENGRAM_BACKWARD_BLOCK_T, ENGRAM_BACKWARD_WARPS = 16, 1
+else:
+    ENGRAM_CONFIGS = [
+        triton.Config({"BLOCK_T": 64}, num_warps=2),
+        triton.Config({"BLOCK_T": 128}, num_warps=4),
+        triton.Config({"BLOCK_T": 256}, num_warps=8),
+    ]
+    ENGRAM_BACKWARD_BLOCK_T, ENGRAM_BACKWARD_WARPS = 128, 4
 
 
 @triton.jit
 def _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
                       tokens, token_mask, head, T, stride_context, MAX_ORDER: tl.constexpr):
-    """Rows of one head for a block of flat token indices b*T + t: (BLOCK_T,) int64, as hash_ngrams."""
+    """Rows of one head for a block of flat token indices b*T + t: (BLOCK_T,) int64, as engram.hash_ngrams."""
     batch = tokens // T
     t = tokens % T
     order = tl.load(head_orders_ptr + head)  # n of this head's N-gram
@@ -243,7 +80,7 @@ def _engram_head_rows(context_ptr, multipliers_ptr, head_primes_ptr, head_offset
         c = tl.load(context_ptr + batch * stride_context + (MAX_ORDER - 1 - j) + t, mask=token_mask, other=0)
         # beyond this head's n the multiplier is 0: a 0 term leaves the XOR unchanged
         m = tl.where(order > j, tl.load(multipliers_ptr + j), 0)
-        mix = mix ^ (c * m)  # c * m < 2**62 (hash_ngrams' bound): no int64 overflow
+        mix = mix ^ (c * m)  # c * m < 2**62 (engram.hash_ngrams' bound): no int64 overflow
     return mix % tl.load(head_primes_ptr + head) + tl.load(head_offsets_ptr + head)
 
 
@@ -287,7 +124,7 @@ def _engram_lookup_backward_kernel(context_ptr, multipliers_ptr, head_primes_ptr
 def _engram_rows_kernel(context_ptr, multipliers_ptr, head_primes_ptr, head_offsets_ptr, head_orders_ptr,
                         rows_ptr, n_tokens, T, n_heads, stride_context, MAX_ORDER: tl.constexpr,
                         BLOCK_T: tl.constexpr):
-    """The sparse backward's indices: rows (n_tokens, H) int64, as hash_ngrams(...).view(-1, H)."""
+    """The sparse backward's indices: rows (n_tokens, H) int64, as engram.hash_ngrams(...).view(-1, H)."""
     head = tl.program_id(1)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < n_tokens
@@ -352,11 +189,8 @@ class _EngramLookup(torch.autograd.Function):
 
 def engram_lookup(context, multipliers, head_primes, head_offsets, ngram_orders, heads_per_order, table,
                   sparse=False):
-    """Memory vector e_t of ONE Engram layer straight from canonical ids: (B, T, H * head_dim).
-    Arguments and result as engram_lookup_reference; the kernel fuses its hash and gather."""
-    if not use_triton(table.device, "engram_lookup", table.dtype):
-        return engram_lookup_reference(context, multipliers, head_primes, head_offsets, ngram_orders,
-                                       heads_per_order, table, sparse)
+    """engram.lookup in one kernel: e_t of ONE Engram layer straight from canonical ids, (B, T, H * head_dim),
+    same arguments, same result (the hash fused with the gather)."""
     assert context.dtype == torch.long and context.dim() == 2, "context: (B, P+T) int64 canonical ids"
     assert multipliers.dim() == 1 and max(ngram_orders) <= multipliers.numel(), "multipliers: (max_order,) of one layer"
     assert head_primes.numel() == head_offsets.numel() == len(ngram_orders) * heads_per_order
@@ -373,7 +207,7 @@ def engram_lookup_bytes(n_tokens: int, n_heads: int, head_dim: int, elem_bytes: 
 # -----------------------------------------------------------------------------
 # 2. MoE grouped GEMM: every routed expert's SwiGLU in one launch per projection
 #
-# The reference loops over experts, three small matmuls each, after a host sync for the counts. With
+# The reference (moe.expert_loop) loops over experts, three small matmuls each, after a host sync for the counts. With
 # DeepSeek-style fine-grained experts (64, a few hundred rows each) those matmuls cannot fill a GPU and
 # the launches dominate. A grouped GEMM runs all experts in one launch, however unevenly loaded:
 #
@@ -393,22 +227,23 @@ def engram_lookup_bytes(n_tokens: int, n_heads: int, head_dim: int, elem_bytes: 
 # writes and re-reads three (M x inter) intermediates per expert, plus the concatenation.
 # FLOPs: 6 * M * dim * inter forward, twice that backward (moe_grouped_swiglu_flops).
 
-def moe_grouped_swiglu_reference(x_sorted, counts, w1, w3, w2):
-    """SwiGLU of each contiguous expert segment with that expert's weights: (M, dim), rows as given.
-    x_sorted (M, dim) rows grouped by expert 0..E-1, counts (E,) rows per expert,
-    w1, w3 (E, inter, dim), w2 (E, dim, inter)."""
-    outputs = []
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:  # idle expert: nothing to compute, dropless routing is unaffected
-            continue
-        seg = x_sorted[start:start + n]  # (n, dim)
-        hidden = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())  # (n, inter)
-        outputs.append(hidden @ w2[e].t())  # (n, dim)
-        start += n
-    if not outputs:
-        return x_sorted.new_zeros(x_sorted.shape)
-    return torch.cat(outputs, dim=0)
+if INTERPRET:
+    GROUPED_BLOCK_M = 16
+    GROUPED_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1)]
+    WEIGHT_GRAD_CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32, "BLOCK_K": 16}, num_warps=1)]
+else:
+    GROUPED_BLOCK_M = 64  # rows per tile: fixed by the tile schedule; N, K blocks and pipelining are tuned
+    GROUPED_CONFIGS = [
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ]
+    WEIGHT_GRAD_CONFIGS = [
+        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ]
 
 
 def grouped_tile_schedule(counts, n_rows: int, block_m: int = GROUPED_BLOCK_M):
@@ -590,7 +425,7 @@ def _grouped_swiglu_forward(x_sorted, schedule, w1, w3, w2, save_preact):
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """moe_grouped_swiglu_reference as grouped GEMM launches, forward and backward."""
+    """moe.expert_loop as grouped GEMM launches, forward and backward."""
 
     @staticmethod
     def forward(ctx, x_sorted, counts, w1, w3, w2):
@@ -630,12 +465,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
 
 def moe_grouped_swiglu(x_sorted, counts, w1, w3, w2):
-    """moe_grouped_swiglu_reference (same arguments, same result) with Triton grouped GEMMs: (M, dim).
+    """moe.expert_loop (same arguments, same result) with Triton grouped GEMMs: (M, dim).
     counts must be on the rows' device (no host sync) and sum to M."""
-    if not use_triton(x_sorted.device, "moe_grouped_swiglu", _compute_dtype(x_sorted)) or x_sorted.shape[0] == 0:
-        return moe_grouped_swiglu_reference(x_sorted, counts, w1, w3, w2)
     assert counts.numel() == w1.shape[0] == w3.shape[0] == w2.shape[0], "one count per expert"
     assert counts.device == x_sorted.device, "counts must be on the rows' device (no host sync)"
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_zeros(x_sorted.shape)
     if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
         # autocast does not reach custom kernels: cast as it would for a matmul, so that the grouped
         # GEMMs run on bf16 tensor cores like the reference does under autocast
@@ -666,21 +501,21 @@ def moe_grouped_swiglu_flops(n_rows: int, dim: int, inter_dim: int, backward: bo
 # the latent once for BLOCK_H heads (all heads share the latent: that is MLA's point).
 # Memory traffic: the cache once, B * S * (kv_lora_rank + rope_dim) * elem (re-read from L2 by the other
 # head blocks when H > BLOCK_H), the queries, and B * H * n_splits * (kv_lora_rank + 1) * 4 bytes of
-# partials written and read once. The reference materialises the (B, H, S) scores three times over
+# partials written and read once. The reference (mla.latent_attention) materialises the (B, H, S) scores three times over
 # (q.c, q.k^R, their sum), then the float32 probabilities and their cast. Decode only: no backward.
 
-def mla_decode_reference(q_latent, q_rope, kv_latent, k_rope, softmax_scale):
-    """The math of MLA._attend_absorbed for one new token per sequence (T = 1 sees the whole cache).
-
-    q_latent (B, H, kv_lora_rank): the query with W^UK folded in; q_rope (B, H, rope_dim);
-    kv_latent (B, S, kv_lora_rank), k_rope (B, S, rope_dim): the cache, new token included.
-    Returns the attention-weighted latent (B, H, kv_lora_rank), before W^UV.
-    """
-    scores = torch.einsum("bhc,bsc->bhs", q_latent, kv_latent)  # (B, H, S)
-    scores = scores + torch.einsum("bhr,bsr->bhs", q_rope, k_rope)
-    scores = scores * softmax_scale
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv_latent.dtype)
-    return torch.einsum("bhs,bsc->bhc", probs, kv_latent)  # (B, H, d_c)
+if INTERPRET:
+    MLA_DECODE_CONFIGS = [triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=1)]
+    DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 16, 16
+else:
+    MLA_DECODE_CONFIGS = [
+        triton.Config({"BLOCK_H": 16, "BLOCK_S": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_H": 16, "BLOCK_S": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_H": 32, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_H": 64, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_H": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),  # fits any GPU's shared memory
+    ]
+    DECODE_MIN_SPLIT_LEN, DECODE_SPLIT_GRANULE = 256, 64
 
 
 # key leaves out S on purpose: the cache grows by one token per step, which must not re-tune
@@ -760,10 +595,9 @@ def _decode_split_len(batch: int, n_heads: int, cache_len: int, device) -> int:
 
 
 def mla_decode_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, num_splits=None):
-    """Absorbed MLA decode for one new token per sequence: (B, H, kv_lora_rank), as mla_decode_reference.
-    num_splits overrides the split-KV heuristic (for tests)."""
-    if not use_triton(q_latent.device, "mla_decode_attention", kv_latent.dtype):
-        return mla_decode_reference(q_latent, q_rope, kv_latent, k_rope, softmax_scale)
+    """Absorbed MLA decode for one new token per sequence: (B, H, kv_lora_rank), as mla.latent_attention with
+    T = 1 (q_latent (B, H, kv_lora_rank), q_rope (B, H, rope_dim)). num_splits overrides the split-KV heuristic
+    (for tests)."""
     B, H, C = q_latent.shape
     S, R = kv_latent.shape[1], q_rope.shape[-1]
     assert S >= 1 and kv_latent.shape == (B, S, C) and k_rope.shape == (B, S, R) and q_rope.shape == (B, H, R)
@@ -791,3 +625,106 @@ def mla_decode_bytes(batch: int, n_heads: int, cache_len: int, kv_lora_rank: int
     cache = batch * cache_len * (kv_lora_rank + rope_dim)
     queries = batch * n_heads * (kv_lora_rank + rope_dim)
     return (cache + queries + batch * n_heads * kv_lora_rank) * elem_bytes
+
+
+# -----------------------------------------------------------------------------
+# 4. The switch: which op runs its kernel, and the helpers the launches share
+#
+# One switch, like DeepSeek-V3's gemm_impl: the scripts call set_mode(--kernels, device, dtype) once, and
+# the model files ask use_triton(device, op, dtype) before each op. "torch" runs the references, "triton"
+# the kernels, "auto" a kernel on CUDA tensors when triton is installed and the GPU and dtype suit it
+# (unsupported: sm80+); "auto" never picks the interpreter (far too slow for a default), --kernels=triton does.
+
+MODES = ("auto", "triton", "torch")
+OPS = ("engram_lookup", "moe_grouped_swiglu", "mla_decode_attention")
+mode = "auto"  # set once by the scripts from --kernels (set_mode); read by use_triton
+
+# Which GPUs a kernel is known to suit. Triton's supported NVIDIA GPUs are compute capability 8.0+ (Ampere,
+# Ada, Hopper): since Triton 3.3 a tl.dot below sm80 compiles to plain FMA loops, without tensor cores
+# (triton-lang/triton PR 5066), far slower than the cuBLAS matmuls the references call. Every kernel here
+# compiles ahead of time for sm75 as well as sm90 (tests/test_kernels.py), but compiling is not running well,
+# so "auto" keeps V100s (7.0) and T4s (7.5) on the references. The tensor-core kernels (MoE, MLA decode)
+# take bf16, fp16 and fp32 (TF32 where torch's own matmuls use it) operands on sm80+.
+MIN_CAPABILITY = (8, 0)
+DOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def unsupported(op: str, capability, dtype) -> str:
+    """Why op's Triton kernel should not run on a CUDA GPU of this (major, minor) capability with operands
+    of this dtype; "" where it is known to compile and run."""
+    if tuple(capability) < MIN_CAPABILITY:
+        return (f"compute capability {capability[0]}.{capability[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
+                "the oldest Triton supports (its tl.dot has no tensor cores there)")
+    if op != "engram_lookup" and dtype not in DOT_DTYPES:  # the lookup only gathers rows: any dtype
+        return f"{str(dtype).replace('torch.', '')} operands have no tensor-core tl.dot here"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def compute_dtype(x):
+    """The dtype a kernel's tl.dot sees for x: autocast's on a GPU under autocast (the MoE op casts to it)."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+
+
+def set_mode(new_mode: str, device="cpu", dtype=torch.float32) -> None:
+    """Validate --kernels for the device the model runs on and its compute dtype (autocast's, or the
+    weights'), then set the module-level mode. --kernels=triton where a kernel cannot run is an error."""
+    global mode
+    if new_mode not in MODES:
+        raise ValueError(f"--kernels={new_mode!r}: expected one of {', '.join(MODES)}")
+    if new_mode == "triton" and not HAVE_TRITON:
+        raise ValueError("--kernels=triton: triton is not installed; use --kernels=torch (or auto)")
+    device = torch.device(device)
+    if new_mode == "triton" and device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"--kernels=triton: the tensors are on {device}, and the Triton kernels "
+                         "need a CUDA GPU (or TRITON_INTERPRET=1 set before kernels.py is imported, to "
+                         "run them slowly on the CPU); use --kernels=torch or auto")
+    if new_mode == "triton" and device.type == "cuda":
+        reasons = {unsupported(op, _capability(device), dtype) for op in OPS} - {""}
+        if reasons:
+            raise ValueError(f"--kernels=triton: {torch.cuda.get_device_name(device)} "
+                             f"{'; '.join(sorted(reasons))}; use --kernels=auto (the kernels that can run) or torch")
+    mode = new_mode
+
+
+def use_triton(device, op=None, dtype=torch.float32) -> bool:
+    """True when op (one of OPS; None: any kernel) should run its Triton kernel for tensors on device whose
+    tl.dot operands have dtype: "auto" picks it on a CUDA GPU where it is known to run (unsupported)."""
+    device = torch.device(device)
+    if mode == "auto":
+        return HAVE_TRITON and device.type == "cuda" and not INTERPRET and \
+            not unsupported(op or "engram_lookup", _capability(device), dtype)
+    return mode == "triton"
+
+
+def plan(device, dtype=torch.float32) -> dict:
+    """{op: 'triton' or 'torch (why)'} under the current mode, for announcing what a run will use."""
+    device, out = torch.device(device), {}
+    for op in OPS:
+        if use_triton(device, op, dtype):
+            out[op] = "triton"
+        elif mode == "torch":
+            out[op] = "torch (--kernels=torch)"
+        elif device.type != "cuda":
+            out[op] = f"torch (no CUDA GPU: {device.type})"
+        elif not HAVE_TRITON or INTERPRET:
+            out[op] = "torch (triton is not installed)" if not HAVE_TRITON else "torch (auto skips the interpreter)"
+        else:
+            out[op] = f"torch ({unsupported(op, _capability(device), dtype)})"
+    return out
+
+
+def _pow2_at_least_16(n: int) -> int:
+    # tl.arange needs a power of two, tl.dot operands at least 16 along each dimension
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+def _dot_precision(dtype) -> str:
+    """tl.dot precision for float32 operands: TF32 only where torch's own matmuls use it too,
+    so that --kernels=triton and --kernels=torch agree to float tolerance."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if dtype == torch.float32 and tf32 else "ieee"

@@ -14,8 +14,9 @@ tables can outgrow one device, because a lookup's row ids depend only on the inp
                      'host' also trains: SparseAdam updates the host rows, and rows it changed after a
                      prefetch began are read again before they are used.
 
-Each table class answers lookup(context, rows_of) -> (B, T, H, head_dim) on the model's device, where
-rows_of(context) is the Engram layer's hash (kernels.hash_ngrams with that layer's primes). Checkpoints
+Each table answers lookup(context, layer) -> (B, T, H * head_dim) on the model's device, as a resident one
+(engram.Table) does, where layer.rows(context) is the Engram layer's hash (engram.hash_ngrams with that
+layer's primes); so Engram.forward does not know where its rows live. Checkpoints
 always hold the whole table (unshard_state assembles it on the first rank), so a run saved by 2 ranks
 resumes on 1 and the other way round, and sample.py reads it as it reads any run.
 """
@@ -30,8 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
+import cli
 from cli import ConfigError
+from engram import Engram, head_table_sizes, table_params
 
 OFFLOAD_MODES = ("", "host", "disk")  # '' = the table stays resident on the model's device
 
@@ -110,9 +114,9 @@ class ShardedTable(nn.Module):
         self.weight = nn.Parameter(shard_rows(full_weight.detach(), rank, world))
 
     @torch.compiler.disable  # a collective with data-dependent sizes: kept out of torch.compile's graph
-    def lookup(self, context, rows_of):
-        rows = rows_of(context)  # (B, T, H) global row ids
-        return ShardedLookup.apply(rows.flatten(), self.weight, self.world).view(*rows.shape, -1)
+    def lookup(self, context, layer):
+        rows = layer.rows(context)  # (B, T, H) global row ids
+        return ShardedLookup.apply(rows.flatten(), self.weight, self.world).view(*rows.shape[:2], -1)
 
 
 def unshard(shard: torch.Tensor, n_rows: int, world: int, rank: int):
@@ -226,9 +230,9 @@ class OffloadedTable(nn.Module):
             return self.weight.detach()[ids]
         return torch.from_numpy(self.file[ids.numpy()])
 
-    def _fetch(self, context, rows_of):  # the worker thread's job; also called inline when nothing is pending
+    def _fetch(self, context, layer):  # the worker thread's job; also called inline when nothing is pending
         start = time.perf_counter()
-        ids = rows_of(context)  # (B, T, H) on the CPU
+        ids = layer.rows(context)  # (B, T, H) on the CPU
         values, event = self.gather(ids), None
         if self.stream is not None:  # pinned host buffer -> device, on the side stream
             with torch.cuda.stream(self.stream):
@@ -238,21 +242,21 @@ class OffloadedTable(nn.Module):
         self.fetch_s += time.perf_counter() - start
         return ids, values, event
 
-    def prefetch(self, context, rows_of):
+    def prefetch(self, context, layer):
         if self.pending is None:  # one fetch in flight; a forward with other ids fetches for itself
             context = context.cpu()
-            self.pending = (context, self.pool.submit(self._fetch, context, rows_of))
+            self.pending = (context, self.pool.submit(self._fetch, context, layer))
 
     def mark_updated(self):
         """After an optimizer step: the rows of this step's gradient changed (call before zero_grad)."""
         if self.weight.grad is not None:
             self.stale.append(self.weight.grad.coalesce().indices()[0])
 
-    def take(self, context, rows_of):
+    def take(self, context, layer):
         """(ids (B, T, H) on the CPU, values (B, T, H, D) on the device) for this context."""
         context = context.cpu()
         if self.pending is None or not torch.equal(self.pending[0], context):
-            ids, values, event = self._fetch(context, rows_of)  # not prefetched (an evaluation batch)
+            ids, values, event = self._fetch(context, layer)  # not prefetched (an evaluation batch)
         else:
             start = time.perf_counter()
             ids, values, event = self.pending[1].result()
@@ -267,11 +271,11 @@ class OffloadedTable(nn.Module):
             torch.cuda.current_stream(self.device).wait_event(event)
         return ids, values
 
-    def lookup(self, context, rows_of):
-        ids, values = self.take(context, rows_of)
+    def lookup(self, context, layer):
+        ids, values = self.take(context, layer)
         if self.where == "host" and torch.is_grad_enabled() and self.weight.requires_grad:
-            return HostLookup.apply(self.weight, ids, values)
-        return values
+            values = HostLookup.apply(self.weight, ids, values)
+        return values.flatten(-2)  # (B, T, H * head_dim)
 
 
 class HostLookup(torch.autograd.Function):
@@ -301,6 +305,165 @@ def prefetch_stats(model) -> dict:
     tables = offloaded_tables(model)
     fetch, wait = sum(t.fetch_s for t in tables), sum(t.wait_s for t in tables)
     return {"fetch_s": fetch, "wait_s": wait, "hidden": 1 - wait / fetch if fetch else None}
+
+
+# ----------------------------------------------------------------------------- placing a model's tables
+
+def engram_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, Engram)]
+
+
+def shard_tables(model, rank: int, world: int):
+    """Under torchrun: every Engram table keeps only the rows this rank owns (row r on rank r % world)."""
+    for layer in engram_layers(model):
+        layer.table = ShardedTable(layer.table.weight, rank, world)
+
+
+def offload_tables(model, where: str, device, rows: dict | None = None):
+    """Every Engram table's rows to host memory (where='host') or to memory-mapped files (where='disk'); rows
+    {parameter name: (n_rows, head_dim) tensor or np.memmap}, None = the tables as they are. Call before
+    .to(device). Block 0 then starts each forward by gathering the rows of every layer (prefetch): the ids
+    are known before the blocks run, so the gathering overlaps the blocks in front of the Engram layers."""
+    for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, Engram)):
+        layer.table = OffloadedTable(where, device, layer.table.weight if rows is None else rows[f"{name}.table.weight"])
+    layers = engram_layers(model)
+    model.blocks[0].register_forward_pre_hook(lambda block, args: prefetch_rows(layers, args[1]))
+
+
+def prefetch(model, idx):
+    """Start gathering the rows of the batch idx (B, T) for every table off the device: train.py does this
+    for the next batch while this one's backward runs."""
+    prefetch_rows(engram_layers(model), model.compression(idx))
+
+
+def prefetch_rows(layers, context):
+    """Start gathering this context's rows for every layer whose table lives off the device."""
+    for layer in layers:
+        if isinstance(layer.table, OffloadedTable):
+            layer.table.prefetch(context, layer)
+
+
+def sparse_param_names(model) -> list:
+    """Parameters with sparse gradients, which DDP must skip: average_sparse_grads averages the resident ones,
+    and a sharded table's gradient arrives averaged (ShardedLookup)."""
+    return [f"{name}.table.weight" for name, m in model.named_modules() if isinstance(m, Engram) and m.table.sparse]
+
+
+def average_sparse_grads(model):
+    """DDP for the resident tables' sparse gradients (DDP itself skips them): every rank's touched rows and
+    their values are gathered and divided by the world size, as DDP averages a dense gradient. Nothing
+    table-sized is formed; all_gather needs equal sizes, hence the pad."""
+    for layer in engram_layers(model):
+        table = layer.table
+        if isinstance(table, (ShardedTable, OffloadedTable)) or not table.sparse or table.weight.grad is None:
+            continue
+        grad, world = table.weight.grad.coalesce(), dist.get_world_size()
+        count = torch.tensor([grad._nnz()], device=grad.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        pad = int(max(counts)) - grad._nnz()
+        rows, values = F.pad(grad._indices()[0], (0, pad)), F.pad(grad._values(), (0, 0, 0, pad))
+        all_rows, all_values = [torch.empty_like(rows) for _ in counts], [torch.empty_like(values) for _ in counts]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_values, values)
+        rows = torch.cat([r[:int(n)] for r, n in zip(all_rows, counts)])  # (sum of counts,)
+        values = torch.cat([v[:int(n)] for v, n in zip(all_values, counts)]) / world  # (sum of counts, head_dim)
+        table.weight.grad = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False)
+
+
+def check_placement(cfg, ddp: bool, world: int, master: bool) -> int:
+    """How many shards each table is cut into in this run (world under torchrun with --engram_shard, else 1):
+    --engram_shard and --engram_offload checked against the model and the processes (one-line errors), and
+    --engram_shard on one process said plainly."""
+    engram = cfg.model.engram
+    if (cfg.engram_shard or cfg.engram_offload) and not engram.engram_layers:
+        flag = "--engram_shard=true" if cfg.engram_shard else f"--engram_offload={cfg.engram_offload}"
+        raise ConfigError(f"{flag}: this model has no Engram table (--engram=off); drop the flag")
+    if cfg.engram_offload and ddp:
+        raise ConfigError("--engram_offload=host trains on one process; under torchrun use --engram_shard=true")
+    if cfg.engram_offload and not engram.engram_sparse:
+        raise ConfigError("--engram_offload=host needs --engram_sparse=true: host rows are updated by SparseAdam")
+    if cfg.engram_shard and not engram.engram_sparse:
+        raise ConfigError("--engram_shard=true needs --engram_sparse=true: a shard is updated by SparseAdam")
+    if not cfg.engram_shard:
+        return 1
+    if not ddp:
+        if master:
+            print("note: --engram_shard=true on one process: the one shard is the whole table (start with torchrun "
+                  "--nproc_per_node=N to split it over N ranks)")
+        return 1
+    smallest = min(min(sizes) for sizes in head_table_sizes(engram))
+    if world > smallest:
+        raise ConfigError(f"--engram_shard=true over {world} ranks: every rank must own rows of every head, and "
+                          f"the smallest head has {smallest} rows; raise --engram_rows_per_head or use fewer ranks")
+    return world
+
+
+def check_tables_fit(engram_cfg, device, shards=1):
+    """Engram's tables (fp32 weights, two Adam moments and, without engram_sparse, a dense gradient) must fit
+    in memory, 1/shards of them per rank when sharded: fail now with the estimate, not after minutes of work."""
+    n = (table_params(engram_cfg) if engram_cfg.engram_layers else 0) // shards
+    cli.check_fits(n * 4 * (3 if engram_cfg.engram_sparse else 4), device, f"--engram_rows_per_head="
+                   f"{engram_cfg.engram_rows_per_head}: {n / 1e6:,.0f}M table parameters with their Adam state"
+                   + (f" on each of {shards} ranks" if shards > 1 else ""))
+
+
+# ----------------------------------------------------------------------------- the training loop's hooks
+
+class Tables:
+    """What train.py's loop does for tables that do not live whole on the device, in one place. Made
+    before the model moves to its device: offload='host' keeps the tables in host memory, shards > 1 cuts
+    them over the torchrun ranks; with neither, every hook is a no-op but average_grads under DDP."""
+
+    def __init__(self, model, device, offload: str = "", shards: int = 1):
+        self.model, self.shards = model, shards
+        self.ddp = dist.is_available() and dist.is_initialized()
+        if offload:  # every rank drew the whole table first: the same initial weights as one process
+            offload_tables(model, offload, device)
+        if shards > 1:
+            shard_tables(model, dist.get_rank(), shards)
+        self.host = [m for m in model.modules() if isinstance(m, OffloadedTable)]
+        self.sharded_names = set(sharded_params(model))
+        self.sharded = [t.weight for t in sharded_params(model).values()]
+
+    def cut(self, ckpt: dict, optimizers) -> dict:
+        """A checkpoint (whole tables) cut to this rank's rows and Adam moments, when sharded."""
+        if self.sharded:
+            ckpt["model"], ckpt["optimizers"] = shard_state(self.model, optimizers, ckpt["model"], ckpt["optimizers"])
+        return ckpt
+
+    def prefetch(self, next_batch):
+        """Host tables: start gathering the rows of next_batch() (its ids), while this step's backward runs."""
+        if self.host:
+            prefetch(self.model, next_batch()[0])
+
+    def average_grads(self):
+        if self.ddp:
+            average_sparse_grads(self.model)
+
+    def agree_overflow(self, scaler, optimizers):
+        if self.sharded and scaler.is_enabled():
+            agree_found_inf(scaler, optimizers)
+
+    def after_step(self):
+        """The rows SparseAdam just changed in host tables: a prefetch that read them reads them again."""
+        for table in self.host:
+            table.mark_updated()
+
+    def state(self, optimizers):
+        """(model state, optimizer states) for a checkpoint, every table whole (a collective when sharded)."""
+        if self.sharded:
+            return unshard_state(self.model, optimizers, dist.get_rank())
+        return self.model.state_dict(), [o.state_dict() for o in optimizers]
+
+    def log_fields(self, optimizers) -> dict:
+        """Under torchrun: each rank's table and optimizer-state bytes (table_bytes), 1/world of the whole when
+        sharded; {} on one process."""
+        if not self.ddp or not engram_layers(self.model):
+            return {}
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, table_bytes(self.model, optimizers))
+        return {"engram_bytes_per_rank": per_rank}
 
 
 # ----------------------------------------------------------------------------- the table file ('disk')

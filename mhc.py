@@ -56,32 +56,18 @@ class MHCConfig:  # names start with 'hc_' so that flat CLI flags are unique acr
     hc_collapse: str = "static"       # 'static' learned weights | 'dynamic' from the streams (V4's HyperHead)
     hc_init: str = "spread"           # 'spread' ('mhc' with distinct write gains: the streams differ from step 1)
                                       # | 'mhc' (a = hc_init_scale, the read preferring one stream, H_post 1, H_res
-                                      # near I; the default before 2026-12-04) | 'v4' (DeepSeek-V4's: a = 1, every
-                                      # bias 0: H_pre 1/2, H_post 1, H_res 1/n). README: "mHC's recipe"
+                                      # near I) | 'v4' (DeepSeek-V4's: a = 1, every bias 0: H_pre 1/2, H_post 1,
+                                      # H_res 1/n). RESULTS.md: "mHC's recipe"
     hc_lr_mult: float = 1.0           # mHC's parameters: Adam lr x this (phi decayed like every matrix; a, b never)
 
     def __post_init__(self):
-        cli.check_numbers(self)
-        if self.hc_mult < 1 or self.hc_sinkhorn_iters < 0:
-            raise ValueError(f"--hc_mult={self.hc_mult} must be >= 1 and --hc_sinkhorn_iters="
-                             f"{self.hc_sinkhorn_iters} >= 0")
-        if not self.hc_eps > 0 or not self.hc_init_scale >= 0:
-            raise ValueError(f"--hc_eps={self.hc_eps} must be > 0 and --hc_init_scale={self.hc_init_scale} >= 0")
-        if self.hc_sinkhorn_start not in ("exp", "softmax"):
-            raise ValueError(f"--hc_sinkhorn_start={self.hc_sinkhorn_start}: expected exp or softmax")
-        if self.hc_sinkhorn_start == "softmax" and self.hc_sinkhorn_iters == 0:
-            raise ValueError("--hc_sinkhorn_start=softmax: needs --hc_sinkhorn_iters >= 1 (0 = no Sinkhorn)")
-        if not isinstance(self.hc_pre_eps, bool):
-            raise ValueError(f"--hc_pre_eps={self.hc_pre_eps}: expected true or false")
-        if self.hc_collapse not in ("static", "dynamic"):
-            raise ValueError(f"--hc_collapse={self.hc_collapse}: expected static or dynamic")
-        if self.hc_init not in HC_INITS:
-            raise ValueError(f"--hc_init={self.hc_init}: expected {', '.join(HC_INITS)}")
-        if self.hc_init == "v4" and self.hc_sinkhorn_iters == 0:
-            raise ValueError("--hc_init=v4: needs --hc_sinkhorn_iters >= 1 (its b_res = 0 would make an "
-                             "unconstrained H_res the zero map)")
-        if not self.hc_lr_mult >= 0:
-            raise ValueError(f"--hc_lr_mult={self.hc_lr_mult}: must be >= 0 (0 freezes mHC's maps at their init)")
+        cli.check_numbers(self, at_least_1=("hc_mult",), nonneg=("hc_sinkhorn_iters", "hc_init_scale", "hc_lr_mult"),
+                          positive=("hc_eps",), one_of={"hc_sinkhorn_start": ("exp", "softmax"),
+                                                        "hc_collapse": ("static", "dynamic"), "hc_init": HC_INITS})
+        if self.hc_sinkhorn_iters == 0 and (self.hc_sinkhorn_start == "softmax" or self.hc_init == "v4"):
+            flag = "--hc_sinkhorn_start=softmax" if self.hc_sinkhorn_start == "softmax" else "--hc_init=v4"
+            raise ValueError(f"{flag}: needs --hc_sinkhorn_iters >= 1 (0 = no Sinkhorn, and V4's b_res = 0 would "
+                             "make an unconstrained H_res the zero map)")
 
 
 HC_INITS = ("mhc", "v4", "spread")
@@ -139,6 +125,32 @@ def composite_amax_gain(res_maps) -> dict:
         total = h if total is None else h @ total  # later maps act after earlier ones
     gain = amax_gain(total)  # (B, T)
     return {"max": float(gain.max()), "mean": float(gain.mean())}
+
+
+def log_fields(model) -> dict:
+    """mHC's fields in log.jsonl, from the last batch the model ran: the composite H_res's Amax gain
+    (GPT.hc_amax_gain) and how far apart the streams are at each block's output (GPT.hc_stream_diversity);
+    {} with one stream."""
+    gain = model.hc_amax_gain()
+    return {} if gain is None else {"hc_amax_gain": gain, "hc_stream_diversity": model.hc_stream_diversity()}
+
+
+def sinkhorn_warning(cfg, sequences_per_step: int, device: str) -> str:
+    """A warning when --hc_sinkhorn_iters makes every step far slower than at the paper's 20: how long its
+    Sinkhorn kernels alone take per step, estimated from their count (2 per iteration, for each of the 2 maps
+    a block, forward and backward) at ~10 us of launch and memory traffic each. cfg: the GPTConfig."""
+    mhc = cfg.mhc
+    if mhc.hc_mult == 1 or mhc.hc_sinkhorn_iters <= 200:  # n = 1 has no Sinkhorn; up to 10x the paper's 20 is fine
+        return ""
+    tokens = sequences_per_step * cfg.block_size
+    bandwidth = 1e12 if device.startswith("cuda") else 1e10  # bytes/s: a GPU's HBM, a CPU's DRAM
+
+    def seconds(iters):
+        kernels_per_step = 2 * iters * 2 * cfg.n_layer * 3
+        return kernels_per_step * (1e-5 + 4 * 2 * tokens * mhc.hc_mult ** 2 / bandwidth)
+    return (f"warning: --hc_sinkhorn_iters={mhc.hc_sinkhorn_iters}: each step spends about "
+            f"{seconds(mhc.hc_sinkhorn_iters):,.1f} s in Sinkhorn's kernels alone (about {seconds(20) * 1000:,.0f} ms "
+            "at the paper's 20)")
 
 
 # -----------------------------------------------------------------------------
@@ -250,12 +262,10 @@ class HyperConnection(nn.Module):
     so each stream starts as the plain residual stream. This does NOT break the streams' symmetry: they start as
     copies, and while they are copies the read's pre-norm makes it scale-invariant and a doubly stochastic
     H_res maps equal streams to themselves, so the read weights and H_res get (near) zero gradient and every
-    write gain the same one (an independent review measured 5e-17 and 9e-13, and streams within 1-4% of
-    their mean after 200 steps). stream_diversity measures it (log.jsonl: hc_stream_diversity).
-    --hc_init=spread, the default since 2026-12-04, breaks the symmetry with unequal write gains
-    (initial_biases): on compare.py's CPU preset at 400 steps its streams ended 0.27 apart against 0.04,
-    and its loss 0.003 and 0.024 lower on the two seeds (README, "mHC's recipe"). With one
-    stream all maps are 1 and there is nothing to learn: read and write are the plain residual, exactly."""
+    write gain the same one. stream_diversity measures it (log.jsonl: hc_stream_diversity). --hc_init=spread,
+    the default, breaks the symmetry with unequal write gains (initial_biases); RESULTS.md, "mHC's recipe",
+    has what each init measured. With one stream all maps are 1 and there is nothing to learn: read and
+    write are the plain residual, exactly."""
 
     def __init__(self, dim: int, cfg: MHCConfig, sublayer: int):
         super().__init__()

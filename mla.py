@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli  # check_numbers: the checks every config's numbers get
-import kernels  # one-token absorbed decode: PyTorch, or a Triton split-KV kernel on a GPU
+import kernels  # on a GPU, the one-token absorbed decode in a Triton split-KV kernel (use_triton decides)
 
 
 # -----------------------------------------------------------------------------
@@ -57,14 +57,9 @@ class MLAConfig:
     v_head_dim: int = 32           # d_h of the values
 
     def __post_init__(self):
-        cli.check_numbers(self)
+        cli.check_numbers(self, at_least_1=("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"), nonneg=("q_lora_rank",))
         if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim < 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 2 (RoPE rotates pairs)")
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.q_lora_rank < 0:
-            raise ValueError(f"q_lora_rank={self.q_lora_rank} must be >= 0 (0 = plain query projection)")
 
 
 class MLA(nn.Module):
@@ -164,25 +159,32 @@ class MLA(nn.Module):
         q^R_h . k^R_s needs k^R_s, also shared. Hence a token's cache is just
         d_c + d_h^R numbers, and per-head K and V are never formed (DeepSeek-V2 §2.1.2).
         """
-        B, T, H, _ = q_nope.shape
-        S = kv_latent.size(1)
+        H = q_nope.shape[2]
         w = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
-
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c)
-        if T == 1:  # one new token sees the whole cache: no mask; on a GPU, a split-KV kernel (FlashMLA's idea)
-            dtype = kv_latent.dtype  # the kernel takes one dtype: the cache's
-            y_latent = kernels.mla_decode_attention(q_latent[:, 0].to(dtype), q_rope[:, 0].to(dtype), kv_latent,
-                                                    k_rope, self.softmax_scale)[:, None]  # (B, 1, H, d_c)
-            return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)
-        scores = torch.einsum("bthc,bsc->bhts", q_latent, kv_latent)  # (B, H, T, S)
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
-        scores = scores * self.softmax_scale
-        # new token i sits at absolute position start_pos + i: it sees cached tokens s <= start_pos + i
-        query_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
-        visible = torch.arange(S, device=scores.device)[None, :] <= query_pos[:, None]  # (T, S)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv_latent.dtype)
-
-        y_latent = torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # (B, T, H, d_c)
+        y_latent = latent_attention(q_latent, q_rope, kv_latent, k_rope, self.softmax_scale, start_pos)
         return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)  # (B, T, H, d_v)
+
+
+def latent_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, start_pos=0):
+    """Attention in latent space: T new queries, the new token i at absolute position start_pos + i, over
+    the S cached tokens s <= start_pos + i. q_latent (B, T, H, d_c) (W^UK folded in), q_rope (B, T, H, d_h^R);
+    kv_latent (B, S, d_c), k_rope (B, S, d_h^R): the cache, new tokens included. Returns the attention-weighted
+    latent (B, T, H, d_c), before W^UV. One new token sees the whole cache; on a GPU that case runs in a
+    split-KV Triton kernel (kernels.mla_decode_attention, FlashMLA's idea)."""
+    B, T, H, _ = q_latent.shape
+    S = kv_latent.size(1)
+    if T == 1 and kernels.use_triton(kv_latent.device, "mla_decode_attention", kv_latent.dtype):
+        dtype = kv_latent.dtype  # the kernel takes one dtype: the cache's
+        return kernels.mla_decode_attention(q_latent[:, 0].to(dtype), q_rope[:, 0].to(dtype), kv_latent, k_rope,
+                                            softmax_scale)[:, None]  # (B, 1, H, d_c)
+    scores = torch.einsum("bthc,bsc->bhts", q_latent, kv_latent)  # (B, H, T, S)  q^C . c_s
+    scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)  # + q^R . k^R_s
+    scores = scores * softmax_scale
+    # new token i sits at absolute position start_pos + i: it sees cached tokens s <= start_pos + i
+    query_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
+    visible = torch.arange(S, device=scores.device)[None, :] <= query_pos[:, None]  # (T, S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv_latent.dtype)
+    return torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # (B, T, H, d_c)

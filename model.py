@@ -15,14 +15,14 @@ is n streams wide (mhc.py: manifold-constrained hyper-connections), one by
 default: then every hyper-connection is the plain residual x + F(x).
 """
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cli  # check_numbers: the checks every config's numbers get
-from engram import Engram, EngramConfig, TokenizerCompression
+from engram import Engram, EngramConfig, TokenizerCompression, table_params
 from mhc import HyperConnection, MHCConfig, StreamCollapse, composite_amax_gain, expand_streams, stream_diversity
 from mla import MLA, MLAConfig, apply_rope, rope_cos_sin
 from moe import MoE, MoEConfig, SwiGLU
@@ -45,16 +45,9 @@ class GPTConfig:
     mhc: MHCConfig = field(default_factory=MHCConfig)
 
     def __post_init__(self):
-        cli.check_numbers(self)
-        if self.attn not in ("mha", "mla"):
-            raise ValueError(f"--attn={self.attn}: expected mha or mla")
-        if self.ffn not in ("dense", "moe"):
-            raise ValueError(f"--ffn={self.ffn}: expected dense or moe")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
-        if self.ffn_hidden < 0 or not self.rope_theta > 0:
-            raise ValueError(f"--ffn_hidden={self.ffn_hidden} must be >= 0 and --rope_theta={self.rope_theta} > 0")
+        cli.check_numbers(self, at_least_1=("vocab_size", "block_size", "n_layer", "n_head", "n_embd"),
+                          nonneg=("ffn_hidden",), positive=("rope_theta",),
+                          one_of={"attn": ("mha", "mla"), "ffn": ("dense", "moe")})
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         # one order everywhere: Engram slot k is the k-th Engram block from the bottom
@@ -70,11 +63,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d):
         """Inverse of asdict: sub-configs rebuilt, JSON lists back to tuples, unknown keys ignored."""
-        def build(config_cls, values):
-            names = {f.name for f in fields(config_cls)}
-            return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
-        subs = {"mla": MLAConfig, "moe": MoEConfig, "engram": EngramConfig, "mhc": MHCConfig}
-        return build(cls, {k: build(subs[k], v) if k in subs else v for k, v in d.items()})
+        return cli.config_from_dict(cls, d)
 
 
 class CausalSelfAttention(nn.Module):
@@ -150,7 +139,7 @@ class Block(nn.Module):
 
     def forward(self, x, context=None, cache=None, start_pos=0):
         # x (B, T, n, C); context (B, P+T) canonical ids for Engram (None in a model without it)
-        if self.engram is not None:
+        if self.engram is not None and not self.engram.knockout:
             x = x + self.engram(x, context, None if cache is None else cache.setdefault("engram", {}))
         h, maps = self.attn_hc.read(x)  # (B, T, 1, C)
         y = self.attn(self.attn_norm(h)[:, :, 0], None if cache is None else cache.setdefault("attn", {}), start_pos)
@@ -176,7 +165,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, token_bytes=None, table_device=None):
         """token_bytes: each token id's raw bytes (data.Tokenizer.token_bytes()) for Engram's tokenizer
         compression; None = no compression table (e.g. when a checkpoint will bring it). table_device='meta':
-        Engram's tables take no memory (sample.py, whose rows then come from a file: offload_tables)."""
+        Engram's tables take no memory (sample.py, whose rows then come from a file: memory.offload_tables)."""
         super().__init__()
         self.cfg = cfg
         self.compression = None  # Engram's canonical ids, shared by all its layers
@@ -217,7 +206,6 @@ class GPT(nn.Module):
         context = None
         if self.compression is not None:  # (B, P+T) what every Engram layer hashes
             context = self.compression(idx, None if cache is None else cache.engram_prefix)
-            self.prefetch_rows(context)  # tables off the device: their rows are gathered while the blocks run
         for i, block in enumerate(self.blocks):
             x = block(x, context, None if cache is None else cache.layers[i], start_pos)
         logits = self.lm_head(self.norm(self.collapse(x)))  # (B, T, vocab)
@@ -326,42 +314,6 @@ class GPT(nn.Module):
             optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=learning_rate or 1e-3, betas=betas))
         return optimizers
 
-    def sparse_param_names(self):
-        """Parameters with sparse gradients: DDP must skip them; average_sparse_grads() averages the resident
-        ones, and a sharded table's gradient arrives averaged (memory.ShardedLookup)."""
-        return [f"{name}.table.weight" for name, m in self.named_modules() if isinstance(m, Engram) and m.table.sparse]
-
-    def average_sparse_grads(self):
-        for m in self.modules():
-            if isinstance(m, Engram) and isinstance(m.table, nn.Embedding) and m.table.sparse \
-                    and m.table.weight.grad is not None:
-                m.average_table_grad()
-
-    # ------------------------------------------------------------------ where Engram's rows live (memory.py)
-    def shard_tables(self, rank: int, world: int):
-        """Under torchrun: every Engram table keeps only the rows this rank owns."""
-        for m in self.modules():
-            if isinstance(m, Engram):
-                m.shard_table(rank, world)
-
-    def offload_tables(self, where: str, device, rows: dict | None = None):
-        """Every Engram table's rows to host memory (where='host') or to memory-mapped files (where='disk');
-        rows {parameter name: (n_rows, head_dim) tensor or np.memmap}, None = the tables as they are.
-        Call before .to(device)."""
-        for name, m in self.named_modules():
-            if isinstance(m, Engram):
-                m.offload_table(where, device, None if rows is None else rows[f"{name}.table.weight"])
-
-    def prefetch_rows(self, context):
-        for block in self.blocks:
-            if block.engram is not None:
-                block.engram.prefetch(context)
-
-    def prefetch(self, idx):
-        """train.py: start gathering the rows of a batch before its forward (a no-op for resident tables)."""
-        if self.compression is not None:
-            self.prefetch_rows(self.compression(idx))
-
     def param_counts(self):
         """Parameter counts: total, active per token, and Engram tables.
 
@@ -371,11 +323,45 @@ class GPT(nn.Module):
         embedding is counted once, as the output head's matrix.
         """
         engrams = [m for m in self.modules() if isinstance(m, Engram)]
-        tables = sum(m.n_table_params() for m in engrams)  # whole, wherever the rows live (memory.py)
+        tables = sum(m.n_table_params() for m in engrams)  # whole, wherever the rows live
         table_ids = {id(w) for m in engrams if (w := getattr(m.table, "weight", None)) is not None}
         total = sum(p.numel() for p in self.parameters() if id(p) not in table_ids) + tables
         inactive = sum(m.n_inactive_params() for m in self.modules() if isinstance(m, MoE))
         return {"total": total, "active": total - inactive - tables, "engram_tables": tables}
+
+
+def step_bytes(cfg: GPTConfig, batch_size: int, device: str, dtype: str, tables_here=True, shards=1) -> dict:
+    """From the config alone, before the model exists, about how many bytes of the device one training step
+    holds, by the flag that sizes each part: {flag: bytes}. A low estimate, so that what it refuses surely
+    cannot fit (cli.check_fits): fp32 weights with their gradient and two Adam moments (16 bytes a parameter,
+    counted as param_counts would), the Engram tables (weights and Adam moments, 1/shards of them, unless they
+    are kept in host memory: tables_here=False), the activations backward keeps (on a CPU or Apple GPU the
+    attention's T x T scores too), and mHC's n streams and n x n maps (each Sinkhorn iteration's, kept for
+    backward). dtype is --dtype: on a GPU anything but float32 keeps 16-bit activations."""
+    moe, engram = cfg.moe, cfg.engram
+    d, L, H, T, V, n = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.vocab_size, cfg.mhc.hc_mult
+    if cfg.attn == "mla":
+        a = cfg.mla
+        qk = H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        attn = (d * a.q_lora_rank + a.q_lora_rank * qk if a.q_lora_rank else d * qk) + \
+            d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + \
+            H * a.v_head_dim * d
+    else:
+        attn = 4 * d * d
+    n_moe = max(0, L - moe.n_dense_layers) if cfg.ffn == "moe" else 0
+    experts = 3 * d * moe.moe_inter_dim * (moe.n_routed_experts + moe.n_shared_experts) + d * moe.n_routed_experts
+    params = V * d + L * attn + n_moe * experts + (L - n_moe) * 3 * d * cfg.dense_hidden
+    width = (moe.n_activated_experts + moe.n_shared_experts) * moe.moe_inter_dim if n_moe else cfg.dense_hidden
+    tokens, cuda = batch_size * T, device.startswith("cuda")
+    act = 2 if cuda and dtype != "float32" else 4  # bytes of an activation: autocast keeps 16-bit ones
+    scores = 0 if cuda else H * T  # a GPU's fused attention never holds the T x T scores
+    tables = table_params(engram) // shards * 4 * (3 if engram.engram_sparse else 4) \
+        if tables_here and engram.engram_layers else 0
+    return {"--n_embd (or --n_layer, --n_routed_experts, --moe_inter_dim)": 16 * params,
+            "--engram_rows_per_head": tables,
+            "--batch_size (or --block_size)": tokens * (act * L * (12 * d + 3 * width + scores) + 4 * 2 * V),
+            "--hc_mult (or --hc_sinkhorn_iters)": 0 if n == 1 else
+            4 * tokens * L * 2 * (4 * n * d + n * n * (2 * cfg.mhc.hc_sinkhorn_iters + 4))}
 
 
 def dense_ffn_hidden(cfg: GPTConfig, target_active: int, multiple: int = 1) -> int:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli  # check_numbers: the checks every config's numbers get
-import kernels  # the experts' SwiGLU: a per-expert loop, or a Triton grouped GEMM on a GPU
+import kernels  # on a GPU, every expert's SwiGLU in one Triton grouped GEMM (use_triton decides)
 
 
 class SwiGLU(nn.Module):
@@ -54,10 +54,10 @@ class MoEConfig:
     aux_loss_alpha: float = 0.0       # sequence-wise auxiliary loss weight
 
     def __post_init__(self):
-        cli.check_numbers(self, nonneg=("route_scale", "bias_update_speed", "aux_loss_alpha"))
+        cli.check_numbers(self, at_least_1=("moe_inter_dim",), one_of={"score_func": SCORE_FUNCS},
+                          nonneg=("n_shared_experts", "n_dense_layers", "route_scale", "bias_update_speed",
+                                  "aux_loss_alpha"))
         E, k, groups = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
-        if self.score_func not in SCORE_FUNCS:
-            raise ValueError(f"--score_func={self.score_func}: expected sigmoid, softmax or sqrtsoftplus")
         if not 1 <= k <= E:
             raise ValueError(f"n_activated_experts={k} must be between 1 and n_routed_experts={E}")
         if groups < 1 or E % groups:
@@ -66,8 +66,6 @@ class MoEConfig:
             raise ValueError(f"n_limited_groups={self.n_limited_groups} must be between 1 and n_expert_groups={groups}")
         if k > self.n_limited_groups * (E // groups):
             raise ValueError(f"top-{k} routing needs at least {k} experts in the {self.n_limited_groups} kept groups")
-        if self.moe_inter_dim < 1 or self.n_shared_experts < 0 or self.n_dense_layers < 0:
-            raise ValueError("moe_inter_dim must be >= 1, n_shared_experts and n_dense_layers >= 0")
 
 
 # -----------------------------------------------------------------------------
@@ -131,14 +129,38 @@ def route(scores, expert_bias, cfg):
 # -----------------------------------------------------------------------------
 # dispatch: sort (token, expert) pairs by expert, run each expert on its segment
 
+def expert_loop(x_sorted, counts, w1, w3, w2):
+    """SwiGLU of each contiguous expert segment with that expert's weights: (M, dim), rows as given.
+    x_sorted (M, dim) rows grouped by expert 0..E-1, counts (E,) rows per expert,
+    w1, w3 (E, inter, dim), w2 (E, dim, inter)."""
+    outputs = []
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:  # idle expert: nothing to compute, dropless routing is unaffected
+            continue
+        seg = x_sorted[start:start + n]  # (n, dim)
+        hidden = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())  # (n, inter)
+        outputs.append(hidden @ w2[e].t())  # (n, dim)
+        start += n
+    if not outputs:
+        return x_sorted.new_zeros(x_sorted.shape)
+    return torch.cat(outputs, dim=0)
+
+
+def run_experts(x_sorted, counts, w1, w3, w2):
+    """expert_loop, or on a GPU the same in one grouped-GEMM launch per projection for all experts
+    (kernels.moe_grouped_swiglu: fine-grained experts are too small to fill a GPU one at a time)."""
+    if kernels.use_triton(x_sorted.device, "moe_grouped_swiglu", kernels.compute_dtype(x_sorted)):
+        return kernels.moe_grouped_swiglu(x_sorted, counts, w1, w3, w2)
+    return expert_loop(x_sorted, counts, w1, w3, w2)
+
+
 def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2):
     """Dropless routed-expert output without a loop over tokens.
 
     x: (N, dim); expert_ids, weights: (N, k). Returns (N, dim) = sum over each token's
     chosen experts of weight * expert(x), and the per-expert token counts (E,).
-    Each expert's SwiGLU runs on its contiguous segment of the sorted rows:
-    kernels.moe_grouped_swiglu, a loop of three matmuls per expert in PyTorch, or one
-    grouped-GEMM launch for all experts on a GPU.
+    Each expert's SwiGLU runs on its contiguous segment of the sorted rows (run_experts).
     """
     N, k = expert_ids.shape
     n_experts = w1.shape[0]
@@ -146,7 +168,7 @@ def dispatch_to_experts(x, expert_ids, weights, w1, w3, w2):
     order = flat_ids.argsort(stable=True)  # (N*k,) pairs grouped by expert
     counts = torch.bincount(flat_ids, minlength=n_experts)  # (E,)
     token_of_pair = order // k  # (N*k,)
-    y_sorted = kernels.moe_grouped_swiglu(x[token_of_pair], counts, w1, w3, w2)  # (N*k, dim)
+    y_sorted = run_experts(x[token_of_pair], counts, w1, w3, w2)  # (N*k, dim)
     y_sorted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)
     y = y_sorted.new_zeros(N, x.shape[1]).index_add(0, token_of_pair, y_sorted)  # (N, dim)
     return y, counts

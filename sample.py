@@ -18,8 +18,7 @@ import cli
 import harness
 import kernels
 import memory
-from data import Tokenizer
-from model import GPT, GPTConfig
+import plots
 
 
 @dataclass
@@ -39,48 +38,9 @@ class SampleConfig:
     engram_offload: str = ""          # Engram's tables: '' on the device, 'host' in host memory, 'disk' memory-mapped from out_dir/engram_tables.bin (written once)
 
     def __post_init__(self):
-        cli.check_numbers(self, seeds=("seed",))
-        for name in ("num_samples", "temperature", "top_k"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens={self.max_new_tokens}: must be at least 1")
-        if self.kernels not in kernels.MODES:
-            raise ValueError(f"--kernels={self.kernels}: expected one of {', '.join(kernels.MODES)}")
-        if self.engram_offload not in memory.OFFLOAD_MODES:
-            raise ValueError(f"--engram_offload={self.engram_offload}: expected host or disk (or nothing)")
-
-
-def load_model(out_dir, device, offload=""):
-    """The trained GPT and its tokenizer from out_dir/ckpt.pt. offload='host' or 'disk': Engram's tables
-    are never made on the device (memory.OffloadedTable); 'disk' reads them from out_dir/engram_tables.bin,
-    which is written from the checkpoint the first time, so no table need fit in memory."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = harness.load_checkpoint(path)  # memory-mapped: a table is read only where it is used
-    try:
-        cfg = GPTConfig.from_dict(ckpt["config"]["model"])
-        tables = {k: v for k, v in ckpt["model"].items() if k.endswith(".engram.table.weight")}
-        if offload and not tables:
-            raise cli.ConfigError(f"--engram_offload={offload}: {path} has no Engram table (it was trained with "
-                                  "--engram=off); drop the flag")
-        model = GPT(cfg, table_device="meta" if offload else None)
-        missing = model.load_state_dict({k: v for k, v in ckpt["model"].items() if not (offload and k in tables)},
-                                        strict=not offload).missing_keys
-        if set(missing) != (set(tables) if offload else set()):
-            raise RuntimeError(f"missing {sorted(set(missing) - set(tables))[:3]}")
-        tok = Tokenizer.from_meta(ckpt["meta"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # written by another version of the code?
-        raise cli.ConfigError(f"checkpoint {path} does not fit this code ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]}); retrain it") from None
-    if offload == "disk":
-        if not os.path.exists(os.path.join(out_dir, memory.MANIFEST)):
-            memory.write_table_file(out_dir, tables)  # a one-line error, and no note, if it cannot be written
-            print(f"note: wrote {os.path.join(out_dir, memory.TABLE_FILE)} from the checkpoint, once "
-                  f"({sum(t.numel() for t in tables.values()) * 4 / 2**20:,.1f} MiB)", file=sys.stderr)
-        tables = memory.open_table_file(out_dir, tables)
-    if offload:
-        model.offload_tables(offload, device, tables)
-    return model.to(device).eval(), tok
+        cli.check_numbers(self, seeds=("seed",), at_least_1=("max_new_tokens",),
+                          nonneg=("num_samples", "temperature", "top_k"),
+                          one_of={"kernels": kernels.MODES, "engram_offload": memory.OFFLOAD_MODES})
 
 
 def read_prompt(start):
@@ -140,7 +100,8 @@ def show_gates(model, tok, ids, png_path, out=sys.stdout):
     if diversity := model.hc_stream_diversity():  # mHC: how far the streams are from their mean, per block
         out.write("stream diversity (mean |x_m - mean| / |mean|) by block: "
                   + ", ".join(f"{k}: {v:.4f}" for k, v in diversity.items()) + "\n")
-    harness.plot_gates(rows, pieces, png_path)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    harness.save_figure(plots.gates(rows, pieces), png_path, bbox_inches="tight")
     out.write(f"gate heatmap written to {png_path}\n")
 
 
@@ -151,7 +112,7 @@ def main(argv=None):
         gates_png = cfg.gates_png or os.path.join(cfg.out_dir, "gates.png")
         if cfg.show_gates:  # a place the heatmap cannot go fails now, not after sampling
             harness.check_writable_dir(os.path.dirname(os.path.abspath(gates_png)), "gates_png")
-        model, tok = load_model(cfg.out_dir, device, cfg.engram_offload)
+        model, tok = harness.load_run(cfg.out_dir, device, cfg.engram_offload)
         if cfg.show_gates and not any(b.engram is not None and b.engram.use_gate for b in model.blocks):
             raise cli.ConfigError("--show_gates: this model has no gated Engram layer (it was trained with "
                                   "--engram=off or --engram_gate=false)")

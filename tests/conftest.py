@@ -8,26 +8,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The shared folder beside the repo holds tiktoken's GPT-2 BPE files for machines without internet.
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-if (SHARED / "tiktoken").is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+# The shared data: tiktoken's GPT-2 BPE files for machines without internet, and TinyStories text. A
+# shared/ folder inside the checkout comes first (git ignores it, and it is what travels to a lent GPU
+# machine, see .ci/gpu), then the one beside the repo.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared(name):
+    """ROOT/shared/name, else ROOT/../shared/name, whichever is a folder; None if neither is."""
+    return next((base / name for base in (ROOT / "shared", ROOT.parent / "shared") if (base / name).is_dir()), None)
+
+
+# the folder the tokenizer files come from (tests/test_exercises.py links it beside a student copy)
+SHARED = shared("tiktoken").parent if shared("tiktoken") else ROOT.parent / "shared"
+if shared("tiktoken"):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared("tiktoken")))
 
 import pytest
 
-TINYSTORIES = SHARED / "tinystories"
+TINYSTORIES = shared("tinystories")
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
-    """A prepared data dir for training tests: real TinyStories text (a slice of ../shared)
-    when present, else generated stories. Returns {'data_dir', 'source'}."""
+    """A prepared data dir for training tests: real TinyStories text (a slice of shared/tinystories, in the
+    checkout or beside it) when present, else generated stories. Returns {'data_dir', 'source'}."""
     from data import DataConfig, prepare
     from stories import make_stories
     root = tmp_path_factory.mktemp("tinydata")
     src = root / "src"
     src.mkdir()
-    if TINYSTORIES.is_dir():
+    if TINYSTORIES is not None:
         train_text = next(TINYSTORIES.glob("*train*.txt")).read_text(encoding="utf-8")
         valid_text = next(TINYSTORIES.glob("*valid*.txt")).read_text(encoding="utf-8")
         train_stories = train_text.split("<|endoftext|>")[:600]

@@ -2,7 +2,6 @@
 traceback) that names the flag, file or value, or as correct behaviour; nothing on disk is lost.
 Plus what users expect: --help on every script, the end-of-run summary and loss.png, full-length
 samples, SIGTERM saving like Ctrl-C, and the GPU paths (bf16 autocast, torch.compile) run on a CPU."""
-import dataclasses
 import errno
 import json
 import os
@@ -16,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import mhc
+import plots
 import train
 from scripts import run, skip_if_exercise
 
@@ -460,7 +462,7 @@ def test_hostile_values_are_one_line_errors(script, args, fragment, prepared, tm
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # failed before any work
 
 
-SIZES = [  # family 3: estimated from the config (train.step_bytes) before anything is allocated
+SIZES = [  # family 3: estimated from the config (model.step_bytes) before anything is allocated
     (["--batch_size=1000000000"], "lower --batch_size"),
     (["--block_size=10000000"], "--block_size"),
     (["--hc_mult=100000"], "lower --hc_mult"),
@@ -479,11 +481,11 @@ def test_sizes_that_cannot_fit_are_one_line_errors(args, fragment, prepared, tmp
 
 def test_many_sinkhorn_iterations_warn_with_the_time_per_step():
     from mhc import MHCConfig
-    cfg = train.build_config(["--device=cpu", "--preset=cpu", "--engram_rows_per_head=101", "--hc_mult=4",
+    cfg = train.config(["--device=cpu", "--preset=cpu", "--engram_rows_per_head=101", "--hc_mult=4",
                               "--hc_sinkhorn_iters=5000"])
-    note = train.sinkhorn_note(cfg)
+    note = mhc.sinkhorn_warning(cfg.model, cfg.batch_size, cfg.device)
     assert note.startswith("warning: --hc_sinkhorn_iters=5000") and " s in Sinkhorn" in note and "\n" not in note
-    assert train.sinkhorn_note(dataclasses.replace(cfg, model=train.GPTConfig(mhc=MHCConfig(hc_mult=4)))) == ""
+    assert mhc.sinkhorn_warning(train.GPTConfig(mhc=MHCConfig(hc_mult=4)), cfg.batch_size, cfg.device) == ""
 
 
 def test_a_learning_rate_of_zero_freezes_the_weights(prepared, tmp_path):
@@ -556,7 +558,7 @@ def test_ctrl_c_at_start_up_and_while_sampling_is_one_line(trained, prepared, tm
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "load_or_prepare", ctrl_c)
+    monkeypatch.setattr(data, "load_or_prepare", ctrl_c)
     out = tmp_path / "out"
     assert "interrupted" in in_process_error("train.py", [*TINY, *data_flags(prepared), f"--out_dir={out}"], capsys,
                                              code=130)
@@ -586,9 +588,9 @@ def test_a_full_disk_never_damages_the_log_or_the_plot(trained, tmp_path, monkey
         harness.append_log(str(run_dir / "log.jsonl"), {"iter": 99, "val_loss": 1.0})
     with pytest.raises(harness.ConfigError, match="No space left"):
         harness.trim_log(str(run_dir / "log.jsonl"), 3)
-    monkeypatch.setattr(harness.plt.Figure, "savefig", full_disk)
+    monkeypatch.setattr(plots.plt.Figure, "savefig", full_disk)
     with pytest.raises(harness.ConfigError, match="loss.png"):
-        harness.plot_losses(harness.read_log(str(run_dir / "log.jsonl")), str(run_dir / "loss.png"))
+        harness.save_figure(plots.losses(harness.read_log(str(run_dir / "log.jsonl"))), str(run_dir / "loss.png"))
     assert (run_dir / "log.jsonl").read_bytes() == log and (run_dir / "loss.png").read_bytes() == png
     assert not list(run_dir.glob("*.tmp"))
 

@@ -116,7 +116,7 @@ def tiny_base(**extra):
 
 def counts_of(flags, vocab_size):
     """Parameter counts built straight from train.py's config, independently of compare's helpers."""
-    cfg = train.build_config(compare.to_argv(flags))
+    cfg = train.config(compare.to_argv(flags))
     cfg.model.vocab_size = vocab_size
     return GPT(cfg.model).param_counts(), cfg
 

@@ -4,7 +4,7 @@ import torch
 
 from engram import (Engram, EngramConfig, TokenizerCompression, build_canonical_ids, compression_reduction,
                     hash_multipliers, head_table_sizes, normalize_token, table_params)
-from kernels import hash_ngrams
+from engram import hash_ngrams
 
 V = 300  # small made-up vocabulary for the hashing tests
 
@@ -22,7 +22,7 @@ def naive_is_prime(n):  # independent of engram.is_prime: every divisor from 2 t
 
 class Hasher:
     """Every Engram layer's rows for some ids, as the model computes them: TokenizerCompression's
-    canonical context, hashed with each layer's own multipliers and primes (kernels.hash_ngrams)."""
+    canonical context, hashed with each layer's own multipliers and primes (engram.hash_ngrams)."""
 
     def __init__(self, cfg, vocab=V, token_bytes=None):
         self.cfg, self.compression = cfg, TokenizerCompression(cfg, vocab, token_bytes)

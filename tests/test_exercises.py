@@ -197,7 +197,7 @@ def test_exercise_only_blanks_exactly_those_functions(tmp_path, capsys):
                   and not skipped & set(p.relative_to(ROOT).parts) and not p.relative_to(ROOT).parts[0].startswith("out")}
     copy_files = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
     assert copy_files == repo_files | {Path(exercises.MARKER)}
-    blanked = {"mla.py": ("rope_cos_sin", "apply_rope"), "kernels.py": ("hash_ngrams",)}
+    blanked = {"mla.py": ("rope_cos_sin", "apply_rope"), "engram.py": ("hash_ngrams",)}
     for f in repo_files - set(map(Path, blanked)):
         assert (out / f).read_bytes() == (ROOT / f).read_bytes(), f
     hints = {ex.name: ex.hint for ex in exercises.EXERCISES}
@@ -222,7 +222,7 @@ def test_exercise_only_blanks_exactly_those_functions(tmp_path, capsys):
     full = tmp_path / "all"
     exercises.main([f"--out={full}"])
     mla = (full / "mla.py").read_text()
-    assert "        # new token i sits at absolute position start_pos + i" in mla and "masked_fill" not in mla
+    assert "    # new token i sits at absolute position start_pos + i" in mla and "masked_fill" not in mla
     assert "raise NotImplementedError(\"exercise mla-absorbed-decode: " in mla
     assert "@triton.jit\ndef _engram_head_rows(" in (full / "kernels.py").read_text()
     capsys.readouterr()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engram
 import kernels
 import train
 from engram import Engram, TokenizerCompression, context_gate
@@ -126,7 +127,7 @@ def test_mhc_engram_on_one_stream_is_todays_engram():
     torch.nn.init.normal_(layer.short_conv.conv.weight, std=0.3)
     ids, h = torch.randint(0, V, (2, 24)), torch.randn(2, 24, 32)
     context = hasher(ids)
-    e = kernels.engram_lookup_reference(context, layer.multipliers, layer.head_primes, layer.head_offsets,
+    e = engram.lookup(context, layer.multipliers, layer.head_primes, layer.head_offsets,
                                         cfg.ngram_orders, cfg.engram_heads_per_order, layer.table.weight)
     rms = lambda x, w: F.rms_norm(x, (32,), w)  # noqa: E731
     gate = context_gate(rms(layer.key_proj(e), layer.key_norm.weight), rms(h, layer.hidden_norm.weight))
@@ -157,7 +158,7 @@ def test_mhc_engram_on_identical_streams_gives_each_the_one_stream_output():
 
 def test_mhc_cpu_preset_keeps_its_model_with_one_stream():
     """hc_mult = 1 adds no parameter: the CPU preset's names and shapes are what they were (old checkpoints load)."""
-    cfg = train.build_config(["--preset=cpu", "--device=cpu", "--engram_rows_per_head=65536"]).model
+    cfg = train.config(["--preset=cpu", "--device=cpu", "--engram_rows_per_head=65536"]).model
     model = GPT(dataclasses.replace(cfg, vocab_size=500))
     assert not [n for n, _ in model.named_parameters() if "hc" in n or "collapse" in n]
     four = GPT(dataclasses.replace(cfg, vocab_size=500, mhc=MHCConfig(hc_mult=4)))
@@ -333,7 +334,7 @@ def test_hc_init_v4_is_deepseek_v4s():
     assert float(collapse.scale) == 1.0 and torch.equal(collapse.bias.data, torch.zeros(4))
     with pytest.raises(ValueError, match="--hc_init=v4: needs --hc_sinkhorn_iters >= 1"):
         MHCConfig(hc_mult=4, hc_init="v4", hc_sinkhorn_iters=0)
-    with pytest.raises(ValueError, match="--hc_init=random: expected mhc, v4, spread"):
+    with pytest.raises(ValueError, match="--hc_init=random: expected one of mhc, v4, spread"):
         MHCConfig(hc_init="random")
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import moe_grouped_swiglu_reference as grouped_swiglu  # noqa: E402
+from moe import expert_loop as grouped_swiglu  # noqa: E402
 from moe import MoE, MoEConfig, route, router_scores  # noqa: E402
 
 DIM = 16

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import memory
+import harness
 import sample
 import train
 from model import GPT
@@ -49,8 +50,8 @@ def test_offloaded_tables_sample_the_resident_tokens(trained, tmp_path, capsys, 
 def test_a_disk_model_holds_no_table_in_memory(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    model, _ = sample.load_model(str(run), "cpu", "disk")
-    resident, _ = sample.load_model(str(run), "cpu")
+    model, _ = harness.load_run(str(run), "cpu", "disk")
+    resident, _ = harness.load_run(str(run), "cpu")
     tables = memory.offloaded_tables(model)
     assert tables and all(t.where == "disk" and isinstance(t.file, memory.np.memmap) for t in tables)
     assert not any(p.numel() == t.n_rows * t.file.shape[1] for p in model.parameters() for t in tables)
@@ -111,7 +112,7 @@ def test_a_prefetch_that_a_step_overtook_reads_the_changed_rows_again():
     cfg = tiny_config(engram_sparse=True)
     resident = make_model(cfg).train()
     host = copy.deepcopy(resident)
-    host.offload_tables("host", "cpu")
+    memory.offload_tables(host, "host", "cpu")
     torch.manual_seed(0)
     batch = torch.randint(0, VOCAB, (4, 17))
     losses = {}
@@ -120,7 +121,7 @@ def test_a_prefetch_that_a_step_overtook_reads_the_changed_rows_again():
         losses[name] = []
         for _ in range(3):  # the same batch each step: every row it reads was just changed
             _, loss = model(batch[:, :-1], batch[:, 1:])
-            model.prefetch(batch[:, :-1])  # the next step's rows, gathered before this step updates them
+            memory.prefetch(model, batch[:, :-1])  # the next step's rows, gathered before this step updates them
             loss.backward()
             for opt in opts:
                 opt.step()
@@ -137,7 +138,7 @@ def test_a_prefetch_that_a_step_overtook_reads_the_changed_rows_again():
 
 def test_host_tables_stay_in_host_memory_when_the_model_moves():
     model = make_model(tiny_config(engram_sparse=True))
-    model.offload_tables("host", "cpu")
+    memory.offload_tables(model, "host", "cpu")
     table = model.blocks[1].engram.table
     model.to(torch.float64)  # as .to("cuda") would: the rest converts, the host rows do not
     assert table.weight.dtype == torch.float32 and model.blocks[1].engram.value_proj.weight.dtype == torch.float64

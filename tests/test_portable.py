@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cli
+import harness
 import kernels
 import train
 from scripts import run
@@ -67,8 +68,8 @@ def test_dtype_explicit_choices_pass_where_the_hardware_has_them():
 def test_dtype_bfloat16_on_a_faked_t4_is_a_one_line_error_through_train_py(fake_gpu):
     fake_gpu("sm75")
     with pytest.raises(cli.ConfigError, match="Tesla T4 .compute capability 7.5. has no bfloat16; use --dtype=float16"):
-        train.build_config(["--device=cuda", "--dtype=bfloat16"])
-    cfg = train.build_config(["--device=cuda"])  # auto: the gpu preset, and fp16 for it
+        train.config(["--device=cuda", "--dtype=bfloat16"])
+    cfg = train.config(["--device=cuda"])  # auto: the gpu preset, and fp16 for it
     assert cfg.preset == "gpu" and cli.resolve_dtype(cfg.dtype, cli.describe_device(cfg.device)) == "float16"
 
 
@@ -105,12 +106,12 @@ def test_dtype_without_tensor_core_dot_keeps_the_dot_kernels_on_the_reference():
 def test_dtype_kernels_triton_on_an_old_gpu_is_a_one_line_error(fake_gpu, kind):
     fake_gpu(kind)
     with pytest.raises(cli.ConfigError) as error:
-        train.build_config(["--device=cuda", "--kernels=triton"])
+        train.config(["--device=cuda", "--kernels=triton"])
     name, (major, minor) = GPUS[kind]
     assert name in str(error.value) and f"compute capability {major}.{minor}" in str(error.value)
     assert "--kernels=auto" in str(error.value)
     fake_gpu("sm90")
-    assert train.build_config(["--device=cuda", "--kernels=triton"]).kernels == "triton"  # an H100 takes it
+    assert train.config(["--device=cuda", "--kernels=triton"]).kernels == "triton"  # an H100 takes it
 
 
 def test_dtype_and_kernels_are_announced(prepared, tmp_path, capsys):
@@ -130,22 +131,22 @@ def fake_mps(monkeypatch):
 
 def test_mps_is_chosen_after_cuda_and_gets_the_cpu_preset(fake_mps):
     assert cli.resolve_device("auto") == "mps"
-    cfg = train.build_config(["--engram_rows_per_head=65536"])  # a fixed table: no data to size it by
+    cfg = train.config(["--engram_rows_per_head=65536"])  # a fixed table: no data to size it by
     assert cfg.device == "mps" and cfg.preset == "cpu" and not cfg.compile
     assert cli.resolve_dtype(cfg.dtype, cli.describe_device(cfg.device)) == "float32"
 
 
 def test_mps_trains_the_tables_densely_and_says_what_it_costs(fake_mps):
     rows = "--engram_rows_per_head=65536"  # the preset's table on a large split; no data to size it by
-    cfg = train.build_config(["--device=mps", rows])
+    cfg = train.config(["--device=mps", rows])
     assert cfg.model.engram.engram_sparse is False and cfg.model.engram.engram_layers == (1,)
-    note = train.dense_table_note(cfg)
+    note = harness.dense_table_note(cfg, train.GPT(cfg.model).param_counts()["engram_tables"])
     assert note.startswith("note: MPS has no sparse tensors") and "8.4M parameters" in note and "MB gradient" in note
     optimizers = train.GPT(cfg.model).configure_optimizers(1e-3, 0.1, (0.9, 0.95), "mps")
     assert [type(o).__name__ for o in optimizers] == ["AdamW"]  # no SparseAdam: no sparse gradient anywhere
     # nothing changes where sparse tensors exist, and a model without tables needs no note
-    assert train.build_config(["--device=cpu", rows]).model.engram.engram_sparse is True
-    assert train.dense_table_note(train.build_config(["--device=mps", "--engram=off"])) == ""
+    assert train.config(["--device=cpu", rows]).model.engram.engram_sparse is True
+    assert harness.dense_table_note(train.config(["--device=mps", "--engram=off"]), 0) == ""
 
 
 def test_mps_resume_of_a_sparse_run_is_a_one_line_error(prepared, tmp_path, monkeypatch):
@@ -153,7 +154,7 @@ def test_mps_resume_of_a_sparse_run_is_a_one_line_error(prepared, tmp_path, monk
     train.main(TINY + data_flags(prepared) + [f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(cli.ConfigError, match="trains its Engram tables sparsely, which MPS cannot"):
-        train.build_config([f"--out_dir={out}", "--resume", "--device=mps", "--max_iters=4"])
+        train.config([f"--out_dir={out}", "--resume", "--device=mps", "--max_iters=4"])
 
 
 # ----------------------------------------------------------------------------- fp16 with loss scaling, on the CPU

@@ -158,8 +158,8 @@ def test_shard_and_offload_flags_are_checked(prepared, tmp_path, capsys):
     cfg = SimpleNamespace(engram_shard=True, engram_offload="", model=SimpleNamespace(
         engram=EngramConfig(engram_rows_per_head=2, engram_heads_per_order=1, engram_dim_per_order=4)))
     with pytest.raises(cli.ConfigError, match="smallest head has 2 rows"):
-        train.check_table_placement(cfg, ddp=True, world=3, master=True)
-    assert train.check_table_placement(cfg, ddp=True, world=2, master=True)
+        memory.check_placement(cfg, ddp=True, world=3, master=True)
+    assert memory.check_placement(cfg, ddp=True, world=2, master=True) == 2
     for flags, message in ((["--engram=off", "--engram_shard=true"], "has no Engram table"),
                            (["--engram=off", "--engram_offload=host"], "has no Engram table"),
                            (["--engram_shard=true", "--engram_offload=host"], "choose one"),

@@ -138,7 +138,7 @@ def test_resume_is_exact_with_sparse_and_dense_tables(prepared, tmp_path, sparse
 
 def test_ddp_sparse_two_processes_match_one_process_over_the_same_global_batch(prepared, tmp_path):
     """gloo, 2 ranks of batch 8 against 1 process of batch 16: every rank takes its half of the same
-    global batch, DDP averages the dense gradients and Engram.average_table_grad the sparse ones."""
+    global batch, DDP averages the dense gradients and memory.average_sparse_grads the sparse ones."""
     from test_train import TINY, data_flags, read_log
     args = [a for a in TINY if not a.startswith("--batch_size")] + data_flags(prepared) + [
         "--max_iters=6", "--eval_interval=2", "--engram_sparse=true"]

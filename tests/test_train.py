@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cli
+import data
 import train
 from engram import EngramConfig
 from scripts import rank_errors, run, skip_if_exercise, torchrun
@@ -182,28 +183,28 @@ def test_flag_names_are_unique_across_configs():
 
 
 def test_presets_and_overrides():
-    cfg = train.build_config(["--device=cpu", "--n_embd=64", "--engram=off"])
+    cfg = train.config(["--device=cpu", "--n_embd=64", "--engram=off"])
     assert cfg.preset == "cpu" and cfg.model.n_embd == 64 and cfg.model.engram.engram_layers == ()
     assert cfg.max_iters == train.PRESETS["cpu"]["max_iters"]
-    cfg = train.build_config(["--preset=gpu", "--device=cpu", "--engram_layers=1,2"])
+    cfg = train.config(["--preset=gpu", "--device=cpu", "--engram_layers=1,2"])
     assert cfg.model.n_embd == train.PRESETS["gpu"]["n_embd"] and cfg.model.engram.engram_layers == (1, 2)
     with pytest.raises(cli.ConfigError, match="expected on or off"):
-        train.build_config(["--engram=maybe"])
+        train.config(["--engram=maybe"])
 
 
 def test_cpu_preset_sizes_the_engram_table_by_the_train_split(prepared, monkeypatch):
     """The excerpt-sized split gets the small table, a large split 2^16 rows; a given flag, another preset
     and a model without Engram are left alone (and the last two read no data)."""
-    rows = lambda argv: train.build_config(["--device=cpu"] + argv).model.engram.engram_rows_per_head
-    assert train.rows_for_split(train.SMALL_SPLIT_TOKENS - 1) == train.SMALL_SPLIT_ROWS
-    assert train.rows_for_split(train.SMALL_SPLIT_TOKENS) == train.ROWS
-    assert rows(data_flags(prepared)) == train.SMALL_SPLIT_ROWS  # ~0.1M tokens
+    rows = lambda argv: train.config(["--device=cpu"] + argv).model.engram.engram_rows_per_head
+    assert cli.rows_for_split(cli.SMALL_SPLIT_TOKENS - 1) == cli.SMALL_SPLIT_ROWS
+    assert cli.rows_for_split(cli.SMALL_SPLIT_TOKENS) == cli.ROWS
+    assert rows(data_flags(prepared)) == cli.SMALL_SPLIT_ROWS  # ~0.1M tokens
     assert rows(data_flags(prepared) + ["--engram_rows_per_head=777"]) == 777
-    monkeypatch.setattr(train, "load_or_prepare", lambda data_cfg: {"train_tokens": 2_000_000})
-    assert rows(data_flags(prepared)) == train.ROWS
-    monkeypatch.setattr(train, "load_or_prepare", lambda data_cfg: pytest.fail("read the data"))
+    monkeypatch.setattr(data, "load_or_prepare", lambda data_cfg: {"train_tokens": 2_000_000})
+    assert rows(data_flags(prepared)) == cli.ROWS
+    monkeypatch.setattr(data, "load_or_prepare", lambda data_cfg: pytest.fail("read the data"))
     assert rows(["--preset=gpu"]) == train.PRESETS["gpu"].get("engram_rows_per_head", EngramConfig().engram_rows_per_head)
-    train.build_config(["--device=cpu", "--engram=off"])
+    train.config(["--device=cpu", "--engram=off"])
 
 
 def test_lr_schedule():
