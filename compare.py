@@ -13,7 +13,14 @@ seeds, evaluation windows and schedule are shared (seed k of every arm trains wi
   iso-params          fewer routed experts + an Engram table: total AND active parameters within 2% of
                       moe (the paper's Table 1 protocol, Engram-27B against MoE-27B)
   dense               one dense SwiGLU FFN with moe's active parameters: the floor
-  engram-nogate, engram-2gram, engram-nocompress, engram-layer<k>: ablations of moe+engram
+  engram-nogate, engram-2gram, engram-nocompress: ablations of moe+engram
+  engram-layer<k>[-<k>...]  moe+engram's module in other blocks (the paper's placement, §6.2), e.g.
+                      engram-layer0, engram-layer1-3 (one module in block 1 and one in block 3)
+  smear, value-embeds, additive-2gram  the cheap tricks other small models use instead of a memory (model.Smear:
+                      nanochat's gated mix of the previous token's embedding; model.ValueEmbedding: token tables
+                      added to the attention values of every other block, the last included, as nanochat;
+                      additive 2-gram memory: Engram without its gate, 2-grams only, modded-nanogpt's bigram hash)
+  engram+smear, engram+value-embeds  moe+engram with one of those tricks on top
   engram-v41          moe+engram's memory as DeepSeek-V4.1 ships it (2- to 4-grams, 8 heads, no ShortConv)
   moe+mhc, moe+engram+mhc  moe and moe+engram on 4 residual streams (mhc.py, --hc_mult=4); variants
                       -static, -spread, -mhcinit, -v4 and -lr<m> (e.g. moe+mhc-static-lr0.1) change its recipe
@@ -106,8 +113,13 @@ MHC_VARIANTS = {"static": {"hc_dynamic": "false"},  # maps without their token-d
                 # DeepSeek-V4's code as it ships: its init, its Sinkhorn start, eps on the reads, its HyperHead
                 "v4": {"hc_init": "v4", "hc_sinkhorn_start": "softmax", "hc_pre_eps": "true", "hc_collapse": "dynamic"}}
 MHC_LR = re.compile(r"lr(\d+(?:\.\d+)?)")  # a variant lr<m>: --hc_lr_mult=m
-ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, *MHC_ARMS,
-             "moe+mhc-<variant>[-<variant>...] (static, spread, mhcinit, v4, lr<m>)", "engram-layer<k>"]
+# The cheap tricks: on moe (no Engram), and on moe+engram. value_embed_layers is filled in for the depth (arm_flags).
+TRICKS = {"smear": {"engram": "off", "smear": "true"}, "value-embeds": {"engram": "off", "value_embed_layers": None},
+          "additive-2gram": {"engram_gate": "false", "ngram_orders": "2"},
+          "engram+smear": {"smear": "true"}, "engram+value-embeds": {"value_embed_layers": None}}
+PLACEMENT = re.compile(r"engram-layer(\d+(?:-\d+)*)")  # engram-layer1-3: --engram_layers=1,3
+ARM_NAMES = ["moe", "moe+engram", "iso-params", "dense", *ABLATIONS, *TRICKS, *MHC_ARMS,
+             "moe+mhc-<variant>[-<variant>...] (static, spread, mhcinit, v4, lr<m>)", "engram-layer<k>[-<k>...]"]
 TOLERANCE = 0.02  # iso-params and dense must match moe's parameter counts this closely
 # flags that define the model (not how it is computed): a resumed run takes them from its checkpoint
 MODEL_FLAGS = set(cli.flat_fields(GPTConfig())) | {"engram", "preset"}
@@ -141,7 +153,7 @@ class CompareConfig:
         if not 0 < self.iso_share < 1:
             raise ValueError(f"--iso_share={self.iso_share}: must be between 0 and 1")
         for arm in arm_list(self):
-            if arm not in ARM_NAMES and not re.fullmatch(r"engram-layer\d+", arm) and mhc_arm(arm) is None:
+            if arm not in ARM_NAMES and not PLACEMENT.fullmatch(arm) and mhc_arm(arm) is None:
                 raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_NAMES)}")
         sweep_shares(self)  # a malformed list fails here too
         sizes, ungated = memory_sizes(self.memory_log2_rows), memory_sizes(self.memory_ungated)
@@ -309,8 +321,13 @@ def arm_flags(arm, base, vocab_size, moe_counts, cfg):
         flags.update(ABLATIONS[arm])
     elif mhc_arm(arm):
         flags.update(mhc_arm(arm)[0])
-    elif arm.startswith("engram-layer"):
-        flags["engram_layers"] = arm[len("engram-layer"):]
+    elif arm in TRICKS:
+        flags.update(TRICKS[arm])
+        if "value_embed_layers" in flags:  # nanochat's rule: every other block, ending at the last
+            n_layer = resolve(base).model.n_layer
+            flags["value_embed_layers"] = ",".join(str(i) for i in range(n_layer) if i % 2 == (n_layer - 1) % 2)
+    elif match := PLACEMENT.fullmatch(arm):
+        flags["engram_layers"] = match[1].replace("-", ",")
     return flags, count_params(flags, vocab_size)
 
 
@@ -552,6 +569,13 @@ def write_markdown(results, path):
         lines += ["", f"moe+engram is {'' if verdict['passed'] else 'NOT '}below moe at equal steps by more than twice "
                       f"the larger seed std: moe − moe+engram = {verdict['moe_minus_engram']:+.4f}, "
                       f"2 × max std = {verdict['two_max_std']:.4f} ({verdict['n_seeds']} seed(s))."]
+    against = [(name, a["vs_engram"]) for name, a in results["arms"].items() if a.get("vs_engram")]
+    if against:
+        lines += ["", "Against moe+engram, paired by seed (negative: the arm is lower):", "",
+                  "| arm | Δ vs moe+engram, equal steps | Δ bits per byte, equal steps | Δ vs moe+engram, equal wall time |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {fmt_stat(vs['equal_steps'])} | {fmt_stat(vs.get('equal_steps_bpb'))} | "
+                  f"{fmt_stat(vs['equal_time'])} |" for name, vs in against]
     for name, a in results["arms"].items():
         if (vs := a.get("vs_one_stream")) and "equal_steps" in vs:
             gains = [s["hc_amax_gain"]["max"] for s in a["seeds"].values() if s.get("hc_amax_gain")]
@@ -650,6 +674,10 @@ def report(cfg, argv, arms, sweep, memory, meta, base):
         for name, a in arm_results.items():
             if name != "moe":
                 a["vs_moe"] = versus_moe(a, arm_results["moe"])
+    if "moe+engram" in arm_results:  # the skeptic's question: does an arm beat Engram itself?
+        for name, a in arm_results.items():
+            if name not in ("moe", "moe+engram") and mhc_arm(name) is None:
+                a["vs_engram"] = versus_moe(a, arm_results["moe+engram"])
     for name in arm_results:  # mHC's own effect: each mHC arm against the same arm on one stream
         without = (mhc_arm(name) or (None, None))[1]
         if without in arm_results:

@@ -103,7 +103,9 @@ class MLA(nn.Module):
         """Numbers this layer caches per token: the latent c^KV and the rotary key k^R."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
-    def forward(self, x, cache: dict | None = None, start_pos: int = 0):  # (B, T, dim) -> (B, T, dim)
+    def forward(self, x, cache: dict | None = None, start_pos: int = 0, value_embed=None):  # (B, T, dim) -> (B, T, dim)
+        # value_embed (B, T, H, d_v): added to each head's value after W^UV (model.ValueEmbedding; off by default).
+        # The absorbed decode cannot fold it into the latent, so a cache then keeps it too: H * d_v more numbers a token
         B, T, _ = x.shape
         H = self.n_heads
         positions = torch.arange(start_pos, start_pos + T, device=x.device)
@@ -127,19 +129,26 @@ class MLA(nn.Module):
             if cache is not None:  # prefill: start the cache with only the compressed state
                 cache["kv_latent"] = kv_latent.to(k_rope.dtype)  # one dtype for the cache (autocast)
                 cache["k_rope"] = k_rope
-            y = self._attend_materialised(q_nope, q_rope, kv_latent, k_rope)
+                if value_embed is not None:
+                    cache["value_embed"] = value_embed
+            y = self._attend_materialised(q_nope, q_rope, kv_latent, k_rope, value_embed)
         else:
             assert cache["kv_latent"].size(1) == start_pos, "start_pos must equal the number of cached tokens"
             cache["kv_latent"] = torch.cat([cache["kv_latent"], kv_latent.to(k_rope.dtype)], dim=1)  # (B, S, d_c)
             cache["k_rope"] = torch.cat([cache["k_rope"], k_rope], dim=1)  # (B, S, d_h^R)
-            y = self._attend_absorbed(q_nope, q_rope, cache["kv_latent"], cache["k_rope"], start_pos)
+            if value_embed is not None:
+                cache["value_embed"] = torch.cat([cache["value_embed"], value_embed], dim=1)  # (B, S, H, d_v)
+            y = self._attend_absorbed(q_nope, q_rope, cache["kv_latent"], cache["k_rope"], start_pos,
+                                      cache.get("value_embed"))
         return self.wo(y.flatten(2))  # (B, T, H * d_v) -> (B, T, dim)
 
-    def _attend_materialised(self, q_nope, q_rope, kv_latent, k_rope):
+    def _attend_materialised(self, q_nope, q_rope, kv_latent, k_rope, value_embed=None):
         """Causal attention among the T tokens of x, with explicit per-head K and V."""
         B, T, H, _ = q_nope.shape
         kv = self.wkv_b(kv_latent).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # (B, T, H, d_h), (B, T, H, d_v)
+        if value_embed is not None:
+            v = v + value_embed
         # decoupled RoPE (eq. 17): each head's key is [k^C_h ; k^R], k^R the same for all heads
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, d_h + d_h^R)
@@ -148,7 +157,7 @@ class MLA(nn.Module):
         )  # (B, H, T, d_v)
         return y.transpose(1, 2)  # (B, T, H, d_v)
 
-    def _attend_absorbed(self, q_nope, q_rope, kv_latent, k_rope, start_pos):
+    def _attend_absorbed(self, q_nope, q_rope, kv_latent, k_rope, start_pos, value_embed=None):
         """T new queries attend over all S cached tokens, working in latent space.
 
         With W^UK_h (d_h, d_c) and W^UV_h (d_v, d_c) the slices of wkv_b for head h,
@@ -163,19 +172,24 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c)
-        y_latent = latent_attention(q_latent, q_rope, kv_latent, k_rope, self.softmax_scale, start_pos)
-        return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)  # (B, T, H, d_v)
+        if value_embed is None:
+            y_latent = latent_attention(q_latent, q_rope, kv_latent, k_rope, self.softmax_scale, start_pos)
+            return torch.einsum("bthc,hdc->bthd", y_latent, w_uv)  # (B, T, H, d_v)
+        y_latent, y_embed = latent_attention(q_latent, q_rope, kv_latent, k_rope, self.softmax_scale, start_pos,
+                                             value_embed)  # value embeddings: sum_s p_s ve_h,s on top
+        return torch.einsum("bthc,hdc->bthd", y_latent, w_uv) + y_embed  # (B, T, H, d_v)
 
 
-def latent_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, start_pos=0):
+def latent_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, start_pos=0, head_values=None):
     """Attention in latent space: T new queries, the new token i at absolute position start_pos + i, over
     the S cached tokens s <= start_pos + i. q_latent (B, T, H, d_c) (W^UK folded in), q_rope (B, T, H, d_h^R);
     kv_latent (B, S, d_c), k_rope (B, S, d_h^R): the cache, new tokens included. Returns the attention-weighted
     latent (B, T, H, d_c), before W^UV. One new token sees the whole cache; on a GPU that case runs in a
-    split-KV Triton kernel (kernels.mla_decode_attention, FlashMLA's idea)."""
+    split-KV Triton kernel (kernels.mla_decode_attention, FlashMLA's idea). With head_values (B, S, H, d_v),
+    per-head values that W^UV does not make (value embeddings), also returns their weighted sum (B, T, H, d_v)."""
     B, T, H, _ = q_latent.shape
     S = kv_latent.size(1)
-    if T == 1 and kernels.use_triton(kv_latent.device, "mla_decode_attention", kv_latent.dtype):
+    if T == 1 and head_values is None and kernels.use_triton(kv_latent.device, "mla_decode_attention", kv_latent.dtype):
         dtype = kv_latent.dtype  # the kernel takes one dtype: the cache's
         return kernels.mla_decode_attention(q_latent[:, 0].to(dtype), q_rope[:, 0].to(dtype), kv_latent, k_rope,
                                             softmax_scale)[:, None]  # (B, 1, H, d_c)
@@ -187,4 +201,7 @@ def latent_attention(q_latent, q_rope, kv_latent, k_rope, softmax_scale, start_p
     visible = torch.arange(S, device=scores.device)[None, :] <= query_pos[:, None]  # (T, S)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv_latent.dtype)
-    return torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # (B, T, H, d_c)
+    y_latent = torch.einsum("bhts,bsc->bthc", probs, kv_latent)  # (B, T, H, d_c)
+    if head_values is None:
+        return y_latent
+    return y_latent, torch.einsum("bhts,bshd->bthd", probs.to(head_values.dtype), head_values)

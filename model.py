@@ -16,6 +16,7 @@ default: then every hyper-connection is the plain residual x + F(x).
 """
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,8 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base
     attn: str = "mla"            # 'mha' | 'mla'
     ffn: str = "moe"             # 'dense' | 'moe'
+    smear: bool = False          # the cheap trick nanochat uses: a gated share of the previous token's embedding added to each one
+    value_embed_layers: tuple[int, ...] = ()  # blocks whose attention values get a token-embedding table of their own (nanochat, modded-nanogpt)
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
@@ -52,9 +55,11 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         # one order everywhere: Engram slot k is the k-th Engram block from the bottom
         self.engram.engram_layers = tuple(sorted(set(self.engram.engram_layers)))
-        bad = [i for i in self.engram.engram_layers if not 0 <= i < self.n_layer]
-        if bad:
-            raise ValueError(f"engram_layers {bad} are outside 0..{self.n_layer - 1} (n_layer={self.n_layer})")
+        self.value_embed_layers = tuple(sorted(set(self.value_embed_layers)))
+        for name, layers in (("engram_layers", self.engram.engram_layers), ("value_embed_layers", self.value_embed_layers)):
+            bad = [i for i in layers if not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"--{name}: {bad} outside 0..{self.n_layer - 1} (n_layer={self.n_layer})")
 
     @property
     def dense_hidden(self):
@@ -82,9 +87,11 @@ class CausalSelfAttention(nn.Module):
     def cache_numbers_per_token(self):
         return 2 * self.n_heads * self.head_dim
 
-    def forward(self, x, cache=None, start_pos=0):
+    def forward(self, x, cache=None, start_pos=0, value_embed=None):
         B, T, C = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)  # (B, T, H, D) each
+        if value_embed is not None:  # (B, T, H, D): ValueEmbedding, off by default
+            v = v + value_embed
         cos, sin = rope_cos_sin(torch.arange(start_pos, start_pos + T, device=x.device), self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -100,6 +107,54 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+# -----------------------------------------------------------------------------
+# Two cheap tricks other small models use where Engram uses a memory (compare.py's baselines; off by default).
+# Both add token-identity features at almost no cost: smear a bigram feature at the input, value embeddings an
+# identity part in some layers' attention values.
+
+SMEAR_CHANNELS, VALUE_GATE_CHANNELS = 24, 32  # how many channels of x the two gates read (nanochat's choices)
+
+
+class Smear(nn.Module):
+    """nanochat's smear: x_t <- x_t + lambda * sigmoid(w . x_t[:24]) * x_{t-1}, the previous token's
+    embedding mixed into the current one, gated by the current token: (B, T, C) -> (B, T, C). lambda starts
+    at 0, so the model starts without it. A decode step takes x_{t-1} from the cache."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Linear(min(SMEAR_CHANNELS, dim), 1, bias=False)  # w
+        self.scale = nn.Parameter(torch.zeros(1))  # lambda
+
+    def forward(self, x, cache=None):
+        first = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None or cache.smear_prev is None \
+            else cache.smear_prev  # (B, 1, C): nothing before the sequence
+        before = torch.cat([first, x[:, :-1]], dim=1)  # (B, T, C)  x_{t-1}
+        if cache is not None:
+            cache.smear_prev = x[:, -1:]
+        gate = self.scale * torch.sigmoid(self.gate(x[..., :self.gate.in_features]))  # (B, T, 1)
+        return x + gate * before
+
+
+class ValueEmbedding(nn.Module):
+    """A token-embedding table of one block's own, added to its attention values (nanochat, modded-nanogpt):
+    v_h,t <- v_h,t + g_h,t ve_h[id_t], with a per-head gate g = 2 sigmoid(W x_t[:32]) read from the
+    attention's input, 1 at init (W = 0). Each value gets a part that only the token's identity sets.
+    (B, T) ids and the attention's input (B, T, C) -> (B, T, H, d_v). In MLA it enters after W^UV."""
+
+    def __init__(self, vocab_size: int, dim: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.table = nn.Embedding(vocab_size, n_heads * head_dim)
+        self.gate = nn.Linear(min(VALUE_GATE_CHANNELS, dim), n_heads, bias=False)
+
+    def reset_parameters(self):  # after GPT.init_weights: the gate starts at exactly 1
+        nn.init.zeros_(self.gate.weight)
+
+    def forward(self, idx, x):
+        gate = 2 * torch.sigmoid(self.gate(x[..., :self.gate.in_features]))  # (B, T, H)
+        return gate[..., None] * self.table(idx).unflatten(-1, (self.n_heads, -1))  # (B, T, H, d_v)
 
 
 def make_block_parts(cfg: GPTConfig, layer_id: int, n_canonical: int, table_device=None):
@@ -137,12 +192,15 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
         self.last_diversity = None  # with n streams: mhc.stream_diversity of the last forward's output
 
-    def forward(self, x, context=None, cache=None, start_pos=0):
-        # x (B, T, n, C); context (B, P+T) canonical ids for Engram (None in a model without it)
+    def forward(self, x, context=None, cache=None, start_pos=0, value_embed=None):
+        # x (B, T, n, C); context (B, P+T) canonical ids for Engram (None in a model without it);
+        # value_embed: the attention's input (B, T, C) -> this block's value embeddings (GPT.forward), or None
         if self.engram is not None and not self.engram.knockout:
             x = x + self.engram(x, context, None if cache is None else cache.setdefault("engram", {}))
         h, maps = self.attn_hc.read(x)  # (B, T, 1, C)
-        y = self.attn(self.attn_norm(h)[:, :, 0], None if cache is None else cache.setdefault("attn", {}), start_pos)
+        h = self.attn_norm(h)[:, :, 0]  # (B, T, C)
+        y = self.attn(h, None if cache is None else cache.setdefault("attn", {}), start_pos,
+                      None if value_embed is None else value_embed(h))
         x = self.attn_hc.write(x, y, maps)
         h, maps = self.ffn_hc.read(x)
         x = self.ffn_hc.write(x, self.ffn(self.ffn_norm(h)[:, :, 0]), maps)
@@ -159,6 +217,7 @@ class Cache:
         self.layers = [{} for _ in range(n_layer)]
         self.pos = 0             # tokens already processed
         self.engram_prefix = None  # (B, max_order - 1) ids before the next token
+        self.smear_prev = None   # (B, 1, C) the last token's embedding (Smear)
 
 
 class GPT(nn.Module):
@@ -179,19 +238,27 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
         self.init_weights()
+        # the cheap tricks, made and drawn last, so that every other weight is the model's without them
+        self.smear = Smear(cfg.n_embd) if cfg.smear else None
+        head_dim = cfg.mla.v_head_dim if cfg.attn == "mla" else cfg.n_embd // cfg.n_head
+        self.value_embeds = nn.ModuleDict({str(i): ValueEmbedding(cfg.vocab_size, cfg.n_embd, cfg.n_head, head_dim)
+                                           for i in cfg.value_embed_layers})
+        for m in ([self.smear] if self.smear else []) + list(self.value_embeds.values()):
+            self.init_weights(m)
 
-    def init_weights(self):
-        """N(0, 0.02) for every matrix (GPT-2), with residual output projections
-        (attention's wo, the FFN's down projection w2) shrunk by 1/sqrt(2 * n_layer)
-        so the residual stream's variance does not grow with depth. Modules with an
-        init of their own (Engram's zero conv) then apply it via reset_parameters()."""
-        for name, p in self.named_parameters():
+    def init_weights(self, module=None):
+        """N(0, 0.02) for every matrix (GPT-2) of module (the whole model by default), with residual output
+        projections (attention's wo, the FFN's down projection w2) shrunk by 1/sqrt(2 * n_layer) so the
+        residual stream's variance does not grow with depth. Modules with an init of their own (Engram's zero
+        conv, a value embedding's gate) then apply it via reset_parameters()."""
+        module = self if module is None else module
+        for name, p in module.named_parameters():
             if p.dim() >= 2:
                 residual_out = name.endswith(("wo.weight", "w2.weight", ".w2"))
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if residual_out else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
-        for m in self.modules():
-            if isinstance(m, Engram):
+        for m in module.modules():
+            if isinstance(m, (Engram, ValueEmbedding)):
                 m.reset_parameters()
 
     def forward(self, idx, targets=None, cache=None):
@@ -202,12 +269,17 @@ class GPT(nn.Module):
         start_pos = 0 if cache is None else cache.pos
         if start_pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size={self.cfg.block_size}")
-        x = expand_streams(self.tok_emb(idx), self.cfg.mhc.hc_mult)  # (B, T, n, C): n copies of the embedding
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.smear is not None:
+            x = self.smear(x, cache)
+        x = expand_streams(x, self.cfg.mhc.hc_mult)  # (B, T, n, C): n copies of the embedding
         context = None
         if self.compression is not None:  # (B, P+T) what every Engram layer hashes
             context = self.compression(idx, None if cache is None else cache.engram_prefix)
         for i, block in enumerate(self.blocks):
-            x = block(x, context, None if cache is None else cache.layers[i], start_pos)
+            value_embed = self.value_embeds[str(i)] if str(i) in self.value_embeds else None
+            x = block(x, context, None if cache is None else cache.layers[i], start_pos,
+                      None if value_embed is None else partial(value_embed, idx))
         logits = self.lm_head(self.norm(self.collapse(x)))  # (B, T, vocab)
         if cache is not None:
             cache.pos += T
@@ -319,14 +391,16 @@ class GPT(nn.Module):
 
         'active' counts what a token's forward pass multiplies with: routed
         experts a token is not sent to are excluded, and so are Engram table
-        rows (a lookup, not a matmul, as in the paper's accounting). The tied
-        embedding is counted once, as the output head's matrix.
+        rows (a lookup, not a matmul, as in the paper's accounting), and value
+        embedding tables (lookups too). The tied embedding is counted once, as the
+        output head's matrix.
         """
         engrams = [m for m in self.modules() if isinstance(m, Engram)]
         tables = sum(m.n_table_params() for m in engrams)  # whole, wherever the rows live
         table_ids = {id(w) for m in engrams if (w := getattr(m.table, "weight", None)) is not None}
         total = sum(p.numel() for p in self.parameters() if id(p) not in table_ids) + tables
         inactive = sum(m.n_inactive_params() for m in self.modules() if isinstance(m, MoE))
+        inactive += sum(m.table.weight.numel() for m in self.value_embeds.values())
         return {"total": total, "active": total - inactive - tables, "engram_tables": tables}
 
 

@@ -35,6 +35,17 @@ def make_model(cfg, seed=0):
 
 
 VARIANTS = list(itertools.product(["mha", "mla"], ["dense", "moe"], [False, True]))
+# compare.py's baselines (model.Smear, model.ValueEmbedding), on both attentions, alone and with Engram
+TRICKS = [dict(smear=True), dict(value_embed_layers=(0, 2)), dict(smear=True, value_embed_layers=(1,))]
+TRICK_VARIANTS = [(attn, "moe", engram, kw) for attn in ("mha", "mla") for engram in (False, True) for kw in TRICKS]
+
+
+def with_tricks_on(model):
+    """The tricks start as no-ops (smear's lambda 0, the value gates 1): give them weights that matter."""
+    for name, p in model.named_parameters():
+        if name.startswith(("smear.", "value_embeds.")):
+            torch.nn.init.normal_(p, std=0.3)
+    return model
 
 
 @pytest.mark.parametrize("attn,ffn,engram", VARIANTS)
@@ -47,10 +58,10 @@ def test_forward_shapes_and_loss(attn, ffn, engram):
     assert abs(loss.item() - math.log(VOCAB)) < 0.5
 
 
-@pytest.mark.parametrize("attn,ffn,engram", VARIANTS)
-def test_causality(attn, ffn, engram):
+@pytest.mark.parametrize("attn,ffn,engram,tricks", [(*v, {}) for v in VARIANTS] + TRICK_VARIANTS)
+def test_causality(attn, ffn, engram, tricks):
     """Changing tokens after position t changes no logits at or before t."""
-    model = make_model(tiny_config(attn, ffn, engram))
+    model = with_tricks_on(make_model(tiny_config(attn, ffn, engram, **tricks)))
     idx = torch.randint(0, VOCAB, (2, 24))
     t = 11
     changed = idx.clone()
@@ -62,10 +73,10 @@ def test_causality(attn, ffn, engram):
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
 
-@pytest.mark.parametrize("attn,ffn,engram", VARIANTS)
-def test_incremental_decoding_equals_full_forward(attn, ffn, engram):
+@pytest.mark.parametrize("attn,ffn,engram,tricks", [(*v, {}) for v in VARIANTS] + TRICK_VARIANTS)
+def test_incremental_decoding_equals_full_forward(attn, ffn, engram, tricks):
     """A prompt prefill followed by one token at a time gives the full forward's logits."""
-    model = make_model(tiny_config(attn, ffn, engram))
+    model = with_tricks_on(make_model(tiny_config(attn, ffn, engram, **tricks)))
     idx = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         full, _ = model(idx)
@@ -189,3 +200,26 @@ def test_sparse_tables_go_to_lazy_adam():
                                          check_invariants=True)
     lazy.step()
     assert (table.detach() != before).any(dim=1).nonzero().flatten().tolist() == [3, 50]
+
+
+def test_the_tricks_are_off_by_default_and_start_as_no_ops():
+    """Off by default (no parameter more); on, they start as the model without them: smear's lambda is 0 and
+    a value embedding's gate 1, so at init only the value tables' own values add to the output. Every other
+    weight is drawn as in the model without them (they are made last)."""
+    def build(**kw):
+        torch.manual_seed(0)
+        return GPT(tiny_config(**kw)).eval()
+    plain = build()
+    assert plain.smear is None and len(plain.value_embeds) == 0
+    smeared = build(smear=True)
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(smeared(idx)[0], plain(idx)[0])
+    valued = build(value_embed_layers=(1,))
+    assert torch.equal(valued.value_embeds["1"].gate.weight, torch.zeros_like(valued.value_embeds["1"].gate.weight))
+    shared = {k: v for k, v in valued.state_dict().items() if not k.startswith("value_embeds.")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    counts, base = valued.param_counts(), plain.param_counts()
+    table = valued.value_embeds["1"].table.weight.numel()
+    assert counts["total"] - base["total"] == table + valued.value_embeds["1"].gate.weight.numel()
+    assert counts["active"] - base["active"] == valued.value_embeds["1"].gate.weight.numel()  # the table: a lookup
